@@ -1,0 +1,250 @@
+"""Stems: every layer between the image and the first transformer block.
+
+All stems are one structure, a `StemSpec`: a list of conv layers (kernel, stride,
+channels, norm, activation, bias) followed by a projection conv to the model width d
+(named `embedding`, so patchify and conv-stem checkpoints share every name after it).
+
+- patchify (ViT/DeiT): no layers, projection kernel = stride = patch.
+- Xiao et al. 2021 conv stems: 3x3 convs (no bias) -> BatchNorm -> ReLU, then a 1x1
+  projection with bias. The paper tables live in `XIAO_STEMS` as data.
+- Wang et al. 2022 scaled-ReLU stem: 7x7/2 -> 3x3 -> 3x3 at width 64, each conv without
+  bias followed by BatchNorm and ReLU, then a projection with kernel = stride = patch/2.
+
+Padding is explicit (PyTorch's symmetric k//2), never 'SAME', so weights and outputs
+match the PyTorch references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convstem_jax.models import init as inits
+
+NORMS = ("batch", "layer", "none")
+ACTIVATIONS = ("relu", "gelu", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayer:
+  """One stem layer: conv(kernel, stride, channels, bias) -> norm -> activation."""
+  kernel: int
+  stride: int
+  channels: int
+  norm: str = "batch"
+  act: str = "relu"
+  bias: bool = False
+  # None: k//2 when the kernel overlaps its neighbours (k > stride), else 0.
+  padding: int | None = None
+
+  @property
+  def pad(self) -> int:
+    if self.padding is not None:
+      return self.padding
+    return self.kernel // 2 if self.kernel > self.stride else 0
+
+  def out_size(self, size: int) -> int:
+    return (size + 2 * self.pad - self.kernel) // self.stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StemSpec:
+  """Conv layers, then a projection conv (with its own kernel/stride) to width d."""
+  layers: tuple[ConvLayer, ...]
+  proj_kernel: int
+  proj_stride: int
+  proj_bias: bool = True
+
+  @property
+  def projection(self) -> ConvLayer:
+    # The projection is a plain conv: its output channels are the model width.
+    return ConvLayer(self.proj_kernel, self.proj_stride, -1, "none", "none",
+                     self.proj_bias)
+
+  @property
+  def stride(self) -> int:
+    return math.prod(l.stride for l in self.layers) * self.proj_stride
+
+  def grid(self, img_size: int) -> int:
+    """Token grid side for a square image of `img_size` pixels."""
+    for layer in (*self.layers, self.projection):
+      img_size = layer.out_size(img_size)
+    return img_size
+
+  def with_overrides(self, norm: str | None = None, act: str | None = None,
+                     width: int | None = None) -> "StemSpec":
+    """Same stem with every hidden layer's norm / activation / channels replaced."""
+    def upd(l):
+      return dataclasses.replace(l, norm=norm or l.norm, act=act or l.act,
+                                 channels=width or l.channels)
+    return dataclasses.replace(self, layers=tuple(upd(l) for l in self.layers))
+
+
+def _xiao(kernels, strides, channels) -> StemSpec:
+  """Xiao et al. table row: every entry but the last is 3x3-style conv+BN+ReLU."""
+  *hidden, (k_last, s_last) = list(zip(kernels, strides))
+  layers = tuple(ConvLayer(k, s, c) for (k, s), c in zip(hidden, channels[:-1]))
+  return StemSpec(layers, k_last, s_last)
+
+
+# Xiao et al. 2021, Table 1 and Appendix; the last channel entry is the model width d.
+XIAO_STEMS = {
+    "conv_1gf": ((3, 3, 3, 3, 1), (2, 2, 2, 2, 1), (24, 48, 96, 192, 192)),
+    "conv_4gf": ((3, 3, 3, 3, 1), (2, 2, 2, 2, 1), (48, 96, 192, 384, 384)),
+    "conv_18gf": ((3, 3, 3, 3, 3, 3, 1), (2, 2, 1, 2, 1, 2, 1),
+                  (64, 128, 128, 256, 256, 512, 768)),
+    "conv_36gf": ((3, 3, 3, 3, 3, 3, 1), (2, 2, 1, 2, 1, 2, 1),
+                  (64, 128, 128, 256, 256, 512, 1024)),
+    # Table 3 stem ablations at 4GF: the last strided conv grows to 2/4/8/16.
+    "conv_4gf_s1": ((3, 3, 3, 2, 1), (2, 2, 2, 2, 1), (42, 104, 208, 416, 384)),
+    "conv_4gf_s2": ((3, 3, 3, 4, 1), (2, 2, 1, 4, 1), (32, 64, 128, 256, 384)),
+    "conv_4gf_s3": ((3, 3, 3, 8, 1), (2, 1, 1, 8, 1), (17, 34, 68, 136, 384)),
+    "conv_4gf_s4": ((3, 3, 3, 16, 1), (1, 1, 1, 16, 1), (8, 16, 32, 64, 384)),
+}
+
+
+def _srelu(patch: int, width: int = 64, norm: str = "batch", act: str = "relu"):
+  """Wang et al. 2022 scaled-ReLU stem (VOLO-style layout, see papers.md section 2)."""
+  if patch % 2:
+    raise ValueError(f"The scaled-ReLU stem needs an even patch size, got {patch}.")
+  layers = (ConvLayer(7, 2, width, norm, act), ConvLayer(3, 1, width, norm, act),
+            ConvLayer(3, 1, width, norm, act))
+  return StemSpec(layers, patch // 2, patch // 2)
+
+
+def stem_names() -> list[str]:
+  return sorted(["patchify", "patchify_srelu", "srelu", "srelu_nonorm", "srelu_norelu",
+                 "srelu_ln", *XIAO_STEMS])
+
+
+def resolve_stem(stem: Any, *, width: int, patch: int) -> StemSpec:
+  """A stem name, a StemSpec, or a list of layer dicts (then projection = 1x1) -> StemSpec."""
+  if isinstance(stem, StemSpec):
+    return stem
+  if isinstance(stem, (list, tuple)):
+    return StemSpec(tuple(l if isinstance(l, ConvLayer) else ConvLayer(**l) for l in stem),
+                    1, 1)
+  if stem == "patchify":
+    return StemSpec((), patch, patch)
+  if stem == "patchify_srelu":
+    # Xiao et al.'s "patchify + BN + ReLU" / Wang et al.'s patchify + scaled ReLU:
+    # patch conv -> BatchNorm -> ReLU -> 1x1 projection.
+    return StemSpec((ConvLayer(patch, patch, width),), 1, 1)
+  if stem in XIAO_STEMS:
+    kernels, strides, channels = XIAO_STEMS[stem]
+    if channels[-1] != width:
+      raise ValueError(f"Stem '{stem}' ends at width {channels[-1]} but the model width "
+                       f"is {width}; use the matching vitc_* variant or another stem.")
+    return _xiao(kernels, strides, channels)
+  ablations = {"srelu": {}, "srelu_nonorm": {"norm": "none"},
+               "srelu_norelu": {"act": "none"}, "srelu_ln": {"norm": "layer"}}
+  if stem in ablations:
+    return _srelu(patch, **ablations[stem])
+  raise ValueError(f"Unknown stem '{stem}'; valid stems: {', '.join(stem_names())}.")
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over N, H, W with optional per-group ("ghost") statistics.
+
+  `group_size` > 0 normalises each consecutive group of that many examples with its
+  own statistics, as the PyTorch references did with per-GPU BatchNorm; 0 uses the
+  whole (global, under a data-sharded jit) batch. Running statistics average the groups'
+  statistics and, as in PyTorch, keep the unbiased variance. They are updated only when
+  `train=True` (and not during `init`).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  group_size: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c = x.shape[-1]
+    mean_ra = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    var_ra = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    if train:
+      b = x.shape[0]
+      g = self.group_size if 0 < self.group_size < b else b
+      if b % g:
+        raise ValueError(f"BatchNorm group size {g} does not divide the batch of {b}; "
+                         "choose a group size that divides the per-device batch.")
+      xg = xf.reshape(b // g, g, *x.shape[1:])
+      axes = tuple(range(1, xg.ndim - 1))
+      mean = xg.mean(axes, keepdims=True)
+      var = jnp.square(xg - mean).mean(axes, keepdims=True)
+      y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        n = math.prod(xg.shape[1:-1])
+        m = self.momentum
+        mean_ra.value = m * mean_ra.value + (1 - m) * mean.mean(axes + (0,)).reshape(c)
+        unbiased = var.mean(axes + (0,)).reshape(c) * n / max(n - 1, 1)
+        var_ra.value = m * var_ra.value + (1 - m) * unbiased
+    else:
+      y = (xf - mean_ra.value) * jax.lax.rsqrt(var_ra.value + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _act(name: str):
+  return {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
+          "none": lambda x: x}[name]
+
+
+class Stem(nn.Module):
+  """Runs a StemSpec on NHWC images; returns NHWC features of width `width`."""
+  spec: StemSpec
+  width: int
+  init_style: str = "jax"
+  bn_group_size: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i, l in enumerate(self.spec.layers):
+      x = nn.Conv(l.channels, (l.kernel, l.kernel), (l.stride, l.stride),
+                  padding=((l.pad, l.pad), (l.pad, l.pad)), use_bias=l.bias,
+                  kernel_init=inits.stem_conv_init(self.init_style), dtype=self.dtype,
+                  name=f"conv_{i}")(x)
+      if l.norm == "batch":
+        x = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name=f"norm_{i}")(
+            x, train)
+      elif l.norm == "layer":  # LayerNorm over channels at each position
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm_{i}")(x)
+      x = _act(l.act)(x)
+    p = self.spec.projection
+    return nn.Conv(self.width, (p.kernel, p.kernel), (p.stride, p.stride),
+                   padding=((p.pad, p.pad), (p.pad, p.pad)), use_bias=p.bias,
+                   kernel_init=inits.stem_projection_init(self.init_style,
+                                                          bool(self.spec.layers)),
+                   dtype=self.dtype, name="embedding")(x)
+
+
+def validate(spec: StemSpec, *, patch: int, img_size: int) -> None:
+  """The pycls invariants, as sentences: stride product = patch, image divisible."""
+  for l in (*spec.layers, spec.projection):
+    if l.norm not in NORMS or l.act not in ACTIVATIONS:
+      raise ValueError(f"Stem layer {l} has norm '{l.norm}' / activation '{l.act}'; "
+                       f"norm must be one of {NORMS} and activation one of {ACTIVATIONS}.")
+  if spec.stride != patch:
+    raise ValueError(f"The stem's strides multiply to {spec.stride}, not the patch size "
+                     f"{patch}; change the stem strides or set patch_size={spec.stride}.")
+  if img_size % spec.stride:
+    raise ValueError(f"Image size {img_size} is not divisible by the stem's total stride "
+                     f"{spec.stride}; use an image size that is a multiple of "
+                     f"{spec.stride}.")
+
+
+def describe(spec: StemSpec, width: int) -> Sequence[str]:
+  """One line per layer, for logs and the complexity report."""
+  rows = [f"conv {l.kernel}x{l.kernel}/{l.stride} -> {l.channels} "
+          f"{'+bias ' if l.bias else ''}{l.norm} {l.act}" for l in spec.layers]
+  rows.append(f"embedding {spec.proj_kernel}x{spec.proj_kernel}/{spec.proj_stride} -> "
+              f"{width}{' +bias' if spec.proj_bias else ''}")
+  return rows

@@ -1,0 +1,258 @@
+"""The Vision Transformer: a stem, position encoding, pre-LN blocks, pooling, a head.
+
+`ViT.apply(variables, images, train=bool)` takes NHWC float images and returns
+`(logits, out)`; `out` holds named intermediates: `stem` (NHWC stem output), `tokens`
+(after position encoding), `block_{i}` (each block's output tokens), `encoded` (after the
+final norm, token models) and `pre_logits`. With `capture_attention=True` every block
+sows `attention_weights` [batch, heads, queries, keys] into `intermediates`.
+
+Parameter names (stable, checkpoints depend on them):
+  stem/{conv_i, norm_i, embedding}  cls  pos_embedding
+  block_i/{norm1, attn/{qkv, out}, norm2, mlp/{fc1, fc2}}  encoder_norm  head
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convstem_jax.models import init as inits
+from convstem_jax.models import stems
+
+POOLS = ("token", "gap")
+POSEMBS = ("learn", "sincos2d", "none")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LN_EPS = 1e-6
+
+
+def sincos2d(grid: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sin-cos encoding [grid*grid, dim], laid out as timm's
+  `build_sincos2d_pos_embed` (the structured-init code's): [sin y, sin x, cos y, cos x]."""
+  if dim % 4:
+    raise ValueError(f"A 2-D sin-cos position encoding needs a width divisible by 4, "
+                     f"got {dim}; use posemb='learn'.")
+  bands = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4))
+  y, x = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  pos = np.stack([y.ravel(), x.ravel()], 1)[:, :, None] * bands[None, None]
+  return np.concatenate([np.sin(pos).reshape(len(pos), -1),
+                         np.cos(pos).reshape(len(pos), -1)], 1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+  logging.warning(msg)
+
+
+def attention(q, k, v, impl: str):
+  """softmax(q k^T / sqrt(d)) v through jax.nn.dot_product_attention; q,k,v [B,T,H,D].
+
+  'cudnn' asks for the fused cuDNN kernel and falls back to XLA (with one warning) when
+  the backend or the shape is not supported; 'auto' lets JAX pick.
+  """
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+      _warn_once(f"cuDNN attention unavailable ({str(e).splitlines()[0]}); using XLA.")
+      impl = "xla"
+  return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto"
+                                      else impl)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  init_style: str = "jax"
+  impl: str = "xla"
+  dropout: float = 0.0
+  capture: bool = False
+  qkv_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b, t, d = x.shape
+    h = self.num_heads
+    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype,
+                   kernel_init=inits.qkv_kernel_init(self.init_style), name="qkv")(x)
+    q, k, v = (qkv.reshape(b, t, 3, h, d // h)[:, :, i] for i in range(3))
+    if self.capture or (train and self.dropout > 0):
+      # Explicit path: the weights are needed (sown) or dropped out.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // h).astype(q.dtype)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      self.sow("intermediates", "attention_weights", weights)
+      weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
+      y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    else:
+      y = attention(q, k, v, self.impl)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=inits.attn_out_init(self.init_style),
+                    name="out")(y.reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+  hidden: int
+  init_style: str = "jax"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=inits.mlp_kernel_init(self.init_style),
+                              bias_init=inits.mlp_bias_init(self.init_style))
+    d = x.shape[-1]
+    x = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return dense(d, name="fc2")(x)
+
+
+def drop_path(x, rate: float, rng):
+  """Stochastic depth: drop the whole residual branch per example, rescale survivors."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  init_style: str = "jax"
+  attention_impl: str = "xla"
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  capture_attention: bool = False
+  qkv_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    def residual(x, y):
+      y = nn.Dropout(self.dropout)(y, deterministic=not train)
+      if train and self.drop_path > 0:
+        y = drop_path(y, self.drop_path, self.make_rng("dropout"))
+      return x + y
+
+    y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x)
+    y = Attention(self.num_heads, self.init_style, self.attention_impl,
+                  self.attention_dropout, self.capture_attention, self.qkv_bias,
+                  self.dtype, name="attn")(y, train)
+    x = residual(x, y)
+    y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm2")(x)
+    y = Mlp(self.mlp_dim, self.init_style, self.dropout, self.dtype, name="mlp")(y, train)
+    return residual(x, y)
+
+
+class ViT(nn.Module):
+  """Vision Transformer with a configurable stem. See `variants.py` for named models."""
+  num_classes: int = 1000
+  img_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  stem: Any = "patchify"          # a stem name, a StemSpec or a list of layer dicts
+  stem_norm: str | None = None    # override every hidden stem layer's norm
+  stem_act: str | None = None     # ... activation
+  stem_width: int | None = None   # ... channels (e.g. the scaled-ReLU stem's 64)
+  pool: str = "token"             # 'token' (class token) | 'gap' (mean, then norm)
+  posemb: str = "learn"           # 'learn' | 'sincos2d' (fixed) | 'none'
+  qkv_bias: bool = True
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0          # stochastic depth, linear in depth up to this rate
+  dtype: str = "float32"          # compute dtype; parameters are always float32
+  attention_impl: str = "xla"     # 'xla' | 'cudnn' (falls back to XLA) | 'auto'
+  init_style: str = "jax"         # 'jax' | 'pycls' (see models/init.py)
+  attention_init: str = "default"
+  bn_group_size: int = 0          # BatchNorm examples per statistics group; 0 = all
+  capture_attention: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.stem_spec()  # validates the stem
+    checks = [
+        (self.pool in POOLS, f"pool '{self.pool}' is not one of {POOLS}"),
+        (self.posemb in POSEMBS, f"posemb '{self.posemb}' is not one of {POSEMBS}"),
+        (self.dtype in DTYPES, f"dtype '{self.dtype}' is not one of {tuple(DTYPES)}"),
+        (self.attention_impl in ATTENTION_IMPLS,
+         f"attention_impl '{self.attention_impl}' is not one of {ATTENTION_IMPLS}"),
+        (self.attention_init in inits.ATTENTION_INITS,
+         f"attention_init '{self.attention_init}' is not one of {inits.ATTENTION_INITS}"),
+        (self.num_heads > 0 and self.width % self.num_heads == 0,
+         f"num_heads {self.num_heads} does not divide the width {self.width}; choose a "
+         f"head count that divides it"),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg + ".")
+    inits.check_style(self.init_style)
+
+  def stem_spec(self) -> stems.StemSpec:
+    spec = stems.resolve_stem(self.stem, width=self.width, patch=self.patch_size)
+    spec = spec.with_overrides(self.stem_norm, self.stem_act, self.stem_width)
+    stems.validate(spec, patch=self.patch_size, img_size=self.img_size)
+    return spec
+
+  @property
+  def grid(self) -> int:
+    return self.stem_spec().grid(self.img_size)
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid ** 2 + (self.pool == "token")
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if images.ndim != 4 or images.shape[1:3] != (self.img_size, self.img_size):
+      raise ValueError(f"Expected NHWC images of {self.img_size}x{self.img_size}, got "
+                       f"shape {images.shape}; resize the input or set img_size.")
+    dtype = DTYPES[self.dtype]
+    out = {}
+    x = stems.Stem(self.stem_spec(), self.width, self.init_style, self.bn_group_size, dtype,
+                   name="stem")(images.astype(dtype), train)
+    out["stem"] = x
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    if self.pool == "token":
+      cls = self.param("cls", inits.zeros, (1, 1, d), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, d)), x], axis=1)
+    # Class token first, then the position embedding over all tokens (pycls / timm).
+    if self.posemb == "learn":
+      x = x + self.param("pos_embedding", inits.posemb_init(self.init_style),
+                         (1, x.shape[1], d), jnp.float32).astype(dtype)
+    elif self.posemb == "sincos2d":
+      pe = jnp.asarray(sincos2d(gh, d))
+      if self.pool == "token":  # the class token gets no position
+        pe = jnp.concatenate([jnp.zeros((1, d)), pe])
+      x = x + pe[None].astype(dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    out["tokens"] = x
+
+    rates = np.linspace(0, self.drop_path, self.depth) if self.depth else []
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim, self.init_style, self.attention_impl, self.dropout,
+                self.attention_dropout, float(rates[i]), self.capture_attention,
+                self.qkv_bias, dtype, name=f"block_{i}")(x, train)
+      out[f"block_{i}"] = x
+
+    norm = nn.LayerNorm(LN_EPS, dtype=dtype, name="encoder_norm")
+    if self.pool == "token":
+      x = norm(x)
+      out["encoded"] = x
+      x = x[:, 0]
+    else:  # global average pooling, then its norm (timm's fc_norm)
+      x = norm(x.mean(axis=1))
+    out["pre_logits"] = x
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, kernel_init=inits.zeros, dtype=dtype,
+                   name="head")(x)
+    out["logits"] = x
+    return x.astype(jnp.float32), out
