@@ -8,11 +8,9 @@ Conventions (the trainer relies on them):
 - A *trainer step* is one call of the optimizer's `update`, on `config.batch_size`
   examples. `steps_per_epoch` and `total_steps` are counted in trainer steps, and the
   schedule returned by `make_optimizer` is a function of the trainer step (for logging).
-- With `config.grad_accum_steps = k > 1` the optimizer is wrapped in `optax.MultiSteps`:
-  an update is applied every k-th trainer step with the mean of the k gradients, and the
-  inner optimizer's schedule counts *optimizer updates*; update u uses the lr of trainer
-  step u*k (the first step of its accumulation window). The examples per update are
-  batch_size * k, and the linear lr scaling uses that number.
+- Gradient accumulation (`config.grad_accum_steps`) happens inside the train step: the
+  step's global batch is split into micro-batches whose gradients are averaged, so one
+  step is still one update on `config.batch_size` examples and nothing here changes.
 
 Recipes (../shared/reference/papers.md): conv-stem paper / pycls (section 1): AdamW
 (0.9, 0.999), lr 1e-3 per 2048 images, wd 0.24 on everything but biases and norm gains,
@@ -47,12 +45,11 @@ def _get(cfg, key: str, default):
 
 
 def base_lr(config) -> float:
-  """config.lr, scaled linearly by examples per update / config.lr_batch_base if set."""
+  """config.lr, scaled linearly by config.batch_size / config.lr_batch_base if set."""
   lr = float(config.lr)
   batch_base = _get(config, "lr_batch_base", 0)
   if batch_base:
-    batch = int(config.batch_size) * int(_get(config, "grad_accum_steps", 1) or 1)
-    lr = lr * batch / float(batch_base)
+    lr = lr * int(config.batch_size) / float(batch_base)
   return lr
 
 
@@ -182,7 +179,7 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
   Reads `config.optimizer` ('adamw' default, 'sgd', 'lamb'), `config.optimizer_kw`
   (adamw / lamb: b1 0.9, b2 0.999, eps 1e-8 adamw / 1e-6 lamb; sgd: momentum 0.9,
   nesterov True), `config.weight_decay` (0.0), `config.grad_clip_norm` (0/None = off),
-  `config.grad_accum_steps` (1), `config.mu_dtype` (None: the params' dtype; e.g.
+  `config.mu_dtype` (None: the params' dtype; e.g.
   'bfloat16' for Adam's first moment or SGD's momentum buffer), and the schedule fields
   of `make_schedule`; the decay mask comes from `decay_mask` (wd_posemb, wd_cls).
 
@@ -194,11 +191,7 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
   trees work); `params` is only used to build it once here, so a bad tree fails early.
   """
   schedule = make_schedule(config, steps_per_epoch, total_steps)
-  accum = int(_get(config, "grad_accum_steps", 1))
-  if accum < 1:
-    raise ValueError(f"grad_accum_steps must be >= 1, got {accum}.")
-  # Inner (per-update) schedule: update u runs at trainer step u * accum.
-  lr = schedule if accum == 1 else (lambda count: schedule(count * accum))
+  lr = schedule
 
   name = _get(config, "optimizer", "adamw")
   kw = config.get("optimizer_kw", None)
@@ -237,8 +230,6 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
   clip = _get(config, "grad_clip_norm", 0.0)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
-  if accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
   return tx, schedule
 
 

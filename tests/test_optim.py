@@ -15,8 +15,8 @@ from convstem_jax.models import variants
 
 def make_config(**kw):
   schedule = kw.pop("schedule", {})
-  cfg = ml_collections.ConfigDict(dict(lr=1e-3, batch_size=2048, optimizer="adamw",
-                                       weight_decay=0.0, **kw))
+  cfg = ml_collections.ConfigDict({**dict(lr=1e-3, batch_size=2048, optimizer="adamw",
+                                          weight_decay=0.0), **kw})
   cfg.schedule = ml_collections.ConfigDict(schedule)
   return cfg
 
@@ -93,8 +93,8 @@ def test_lr_batch_scaling():
   np.testing.assert_allclose(float(optim.make_schedule(cfg, 10, 100)(0)), 1e-3, rtol=1e-6)
   cfg.batch_size = 256
   np.testing.assert_allclose(float(optim.make_schedule(cfg, 10, 100)(0)), 2.5e-4, rtol=1e-6)
-  cfg.grad_accum_steps = 4  # examples per update = 1024
-  np.testing.assert_allclose(optim.base_lr(cfg), 1e-3, rtol=1e-6)
+  cfg.grad_accum_steps = 4  # micro-batches of the same global batch: no change
+  np.testing.assert_allclose(optim.base_lr(cfg), 2.5e-4, rtol=1e-6)
   del cfg["lr_batch_base"]  # unset: no scaling
   assert optim.base_lr(cfg) == 5e-4
 
@@ -214,14 +214,14 @@ def test_sgd_matches_torch_semantics(nesterov):
 
 
 def test_lamb_builds_and_matches_optax():
-  params = toy_params()
+  params = {"head": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones(2)}}
   grads = jax.tree_util.tree_map(lambda x: jnp.linspace(-1, 1, x.size).reshape(x.shape),
                                  params)
   cfg = constant_lr(0.01, optimizer="lamb", weight_decay=0.1)
   tx, _ = optim.make_optimizer(cfg, params, 10, 100)
   ref = optax.lamb(0.01, weight_decay=0.1, mask=optim.decay_mask(params, cfg))
-  ours, _ = tx.update(grads, tx.init(params), params)
-  theirs, _ = ref.update(grads, ref.init(params), params)
+  ours, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  theirs, _ = jax.jit(ref.update)(grads, ref.init(params), params)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours,
                          theirs)
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(ours))
@@ -240,35 +240,14 @@ def test_grad_clipping_bounds_update():
   cfg = constant_lr(1.0, optimizer="sgd", grad_clip_norm=2.0, optimizer_kw=dict(momentum=0))
   tx, _ = optim.make_optimizer(cfg, params, 10, 100)
   updates, _ = tx.update(big, tx.init(params), params)
-  np.testing.assert_allclose(optax.global_norm(updates), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(optax.tree.norm(updates), 2.0, rtol=1e-6)
   np.testing.assert_allclose(updates["a"], -2.0 * big["a"] / math.sqrt(425), rtol=1e-6)
   updates, _ = tx.update(small, tx.init(params), params)  # under the bound: untouched
   np.testing.assert_allclose(updates["b"], -small["b"], rtol=1e-6)
   cfg.grad_clip_norm = None
   tx, _ = optim.make_optimizer(cfg, params, 10, 100)
   updates, _ = tx.update(big, tx.init(params), params)
-  np.testing.assert_allclose(optax.global_norm(updates), math.sqrt(425), rtol=1e-6)
-
-
-def test_grad_accumulation_every_k_steps():
-  params = {"w": jnp.zeros(2)}
-  cfg = make_config(lr=1.0, optimizer="sgd", grad_accum_steps=3,
-                    optimizer_kw=dict(momentum=0.0),
-                    schedule=dict(warmup_steps=6, decay="constant"))
-  tx, sched = optim.make_optimizer(cfg, params, 10, 12)
-  assert float(sched(3)) == pytest.approx(0.5)  # schedule is in trainer steps
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  grads = [{"w": jnp.array([float(i), 1.0])} for i in range(1, 7)]
-  out = []
-  for g in grads:
-    updates, state = step(g, state, params)
-    out.append(np.asarray(updates["w"]))
-  # micro-steps 0,1 and 3,4 apply nothing; step 2 applies lr(0)=0; step 5 applies
-  # lr(3)=0.5 times the mean of grads 3..5 = [5, 1].
-  for i in (0, 1, 2, 3, 4):
-    np.testing.assert_array_equal(out[i], 0.0)
-  np.testing.assert_allclose(out[5], [-2.5, -0.5], rtol=1e-6)
+  np.testing.assert_allclose(optax.tree.norm(updates), math.sqrt(425), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------ EMA, loss

@@ -126,6 +126,10 @@ def _stem_plan(model: ViT, has_proj: bool) -> list[tuple[str, str]]:
 def _map_backbone(state, model: ViT, errors: list[str]) -> dict[str, tuple]:
   found = _backbone_modules(state)
   if not found:
+    if model.stem_spec().layers:
+      errors.append(f"the timm model has a patchify embedding (no {_BACKBONE}* keys) but "
+                    f"the model's stem has {len(model.stem_spec().layers)} conv layers; "
+                    "build the ViT with stem='patchify'")
     return {}
   plan = _stem_plan(model, "patch_embed.proj.weight" in state)
   got = [kind for _, kind, _ in found]
@@ -169,6 +173,7 @@ def timm_to_flax(state_dict: Mapping[str, Any], model: ViT) -> dict:
            if not k.endswith("num_batches_tracked")}
   errors: list[str] = []
   rules = _map_backbone(state, model, errors)
+  stem_failed = bool(errors)  # then its keys are already reported as a layer mismatch
   for key in state:
     if key in _TOP:
       rules[key] = _TOP[key]
@@ -184,7 +189,7 @@ def timm_to_flax(state_dict: Mapping[str, Any], model: ViT) -> dict:
   unexpected = []
   for key, value in state.items():
     if key not in rules:
-      if not key.startswith(_BACKBONE) or not errors:  # stem errors already reported
+      if not (stem_failed and key.startswith(_BACKBONE)):
         unexpected.append(key)
       continue
     path, transform = rules[key]

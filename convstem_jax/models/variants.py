@@ -57,3 +57,12 @@ def model_kwargs(name: str, **overrides) -> dict:
 def create_model(name: str, **overrides) -> ViT:
   """Build a named model, e.g. create_model('vitc_4gf', num_classes=10, dtype='bfloat16')."""
   return ViT(**model_kwargs(name, **overrides))
+
+
+def model_from_config(config) -> ViT:
+  """The model an experiment config describes: `config.model_name` with `config.model`
+  overrides, and the class count and image size of its data."""
+  overrides = dict(config.get("model", {}))
+  overrides.setdefault("num_classes", config.num_classes)
+  overrides.setdefault("img_size", config.image_size)
+  return create_model(config.model_name, **overrides)

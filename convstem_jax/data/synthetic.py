@@ -1,0 +1,65 @@
+"""Synthetic, learnable images: for smoke runs, tests and compute benchmarks.
+
+Class c is a fixed random 4x4 colour pattern, upsampled to the image size, plus Gaussian
+noise, so a model can learn it (loss falls, accuracy rises) and a broken trainer shows.
+Example i of a split depends only on (config.seed, split, i) and train batch s only on
+(config.seed, s): any process count and any resume point see the same data.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+_SPLIT_IDS = {"train": 0}
+
+
+class SyntheticSource:
+
+  def __init__(self, config, split: str):
+    self.split = split
+    self.seed = int(config.seed)
+    self.image_size = int(config.image_size)
+    self.num_classes = int(config.num_classes)
+    self.noise = float(config.get("synthetic_noise", 1.0))
+    key = "synthetic_train_examples" if split == "train" else "synthetic_eval_examples"
+    self.num_examples = int(config.get(key, 50_000 if split == "train" else 1_000))
+    templates = np.random.default_rng([self.seed, 12345]).normal(
+        size=(self.num_classes, 4, 4, 3)).astype(np.float32)
+    rep = -(-self.image_size // 4)
+    self.templates = templates.repeat(rep, 1).repeat(rep, 2)[
+        :, :self.image_size, :self.image_size]
+    self.split_id = _SPLIT_IDS.get(split, 1 + sum(map(ord, split)))
+
+  def _examples(self, stream: int, index: np.ndarray, labels: np.ndarray | None = None):
+    if labels is None:
+      labels = np.array([np.random.default_rng([self.seed, self.split_id, stream, int(i), 0])
+                         .integers(self.num_classes) for i in index], np.int32)
+    noise = np.stack([np.random.default_rng([self.seed, self.split_id, stream, int(i), 1])
+                      .normal(size=self.templates.shape[1:]) for i in index])
+    images = self.templates[labels] + self.noise * noise.astype(np.float32)
+    return {"image": images.astype(np.float32), "label": labels}
+
+  def train_batches(self, local_batch_size: int, start_step: int = 0):
+    """This process's slice of global batch `step`, for step = start_step, ..."""
+    global_bs = local_batch_size * jax.process_count()
+    first = jax.process_index() * local_batch_size
+    step = start_step
+    while True:
+      yield self._examples(step, np.arange(first, first + local_batch_size) +
+                           step * global_bs)
+      step += 1
+
+  def eval_batches(self, local_batch_size: int):
+    """One padded, masked pass over this process's contiguous slice of the split."""
+    procs, me = jax.process_count(), jax.process_index()
+    bounds = np.linspace(0, self.num_examples, procs + 1).astype(int)
+    lo, hi = bounds[me], bounds[me + 1]
+    most = int(np.max(np.diff(bounds)))
+    num_batches = -(-most // local_batch_size)
+    for b in range(num_batches):
+      idx = np.arange(lo + b * local_batch_size, lo + (b + 1) * local_batch_size)
+      mask = idx < hi
+      batch = self._examples(0, np.where(mask, idx, lo))
+      batch["mask"] = mask.astype(np.float32)
+      yield batch

@@ -1,0 +1,194 @@
+"""Exact evaluation (during training and from a checkpoint), precise BN, init_from.
+
+Eval batches are padded to whole batches with a mask on every host, so each example of
+a split counts exactly once whatever the host count or batch size. Sums (loss, top-1,
+top-5, count) accumulate on the device and are read once per split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from convstem_jax import checkpoint as ckpt_lib
+from convstem_jax import data as data_lib
+from convstem_jax import sharding as shd
+from convstem_jax.models import model_from_config
+from convstem_jax.models.stems import BatchNorm
+
+
+def _sums(logits, labels, mask):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  loss = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  return {"loss": jnp.sum(loss * mask),
+          "accuracy": jnp.sum((top5[:, 0] == labels) * mask),
+          "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+          "count": jnp.sum(mask)}
+
+
+class Evaluator:
+  """Top-1 / top-5 / loss on each of `config.eval_splits`, for raw and EMA weights."""
+
+  def __init__(self, config, model, mesh, train_source=None):
+    self.config, self.model, self.mesh = config, model, mesh
+    self.splits = tuple(config.get("eval_splits", ("test",)))
+    self.sources = {s: data_lib.get_source(config, s) for s in self.splits}
+    self.local_bs = shd.local_batch_size(config.get("eval_batch_size", config.batch_size))
+    self.train_source = train_source
+    self.precise_bn_images = config.get("precise_bn_images", 0)
+
+    def eval_step(params, batch_stats, batch):
+      logits, _ = model.apply({"params": params, "batch_stats": batch_stats},
+                              batch["image"], train=False)
+      return _sums(logits, batch["label"], batch["mask"])
+
+    def bn_step(params, batch_stats, batch):
+      # Running stats start at zero, so one update leaves (1 - momentum) x batch stats.
+      zero = jax.tree.map(jnp.zeros_like, batch_stats)
+      _, new = model.apply({"params": params, "batch_stats": zero}, batch["image"],
+                           train=True, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.PRNGKey(0)})
+      return jax.tree.map(lambda s: s / (1 - BatchNorm.momentum), new["batch_stats"])
+
+    self.eval_step = jax.jit(eval_step, out_shardings=shd.replicated(mesh))
+    self.bn_step = jax.jit(bn_step)
+
+  def precise_bn(self, params, batch_stats):
+    """BatchNorm statistics recomputed on `precise_bn_images` training images (pycls)."""
+    if not self.precise_bn_images or not jax.tree.leaves(batch_stats):
+      return batch_stats
+    bs = self.config.batch_size
+    n = max(1, -(-self.precise_bn_images // bs))
+    # A fixed stream far from the training steps: the same images at every eval.
+    batches = self.train_source.train_batches(shd.local_batch_size(bs), start_step=10**8)
+    total = None
+    for _ in range(n):
+      stats = self.bn_step(params, batch_stats, shd.global_batch(next(batches), self.mesh))
+      moments = _map_bn(lambda s: {**s, "sq": jnp.square(s["mean"])}, stats)
+      total = moments if total is None else jax.tree.map(jnp.add, total, moments)
+    # Law of total variance over the batches: E[var_b] + Var[mean_b].
+    return _map_bn(lambda s: {"mean": s["mean"] / n,
+                              "var": s["var"] / n + s["sq"] / n - jnp.square(s["mean"] / n)},
+                   total)
+
+  def evaluate_split(self, split, params, batch_stats) -> dict[str, float]:
+    total = None
+    for batch in self.sources[split].eval_batches(self.local_bs):
+      sums = self.eval_step(params, batch_stats, shd.global_batch(batch, self.mesh))
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    total = jax.device_get(total)
+    count = float(total.pop("count"))
+    out = {k: float(v) / count for k, v in total.items()}
+    out["count"] = count
+    return out
+
+  def run(self, params, batch_stats, ema=None) -> dict[str, float]:
+    weights = {"": (params, batch_stats)}
+    if ema:
+      weights["_ema"] = (ema["params"], ema["batch_stats"])
+    results = {}
+    for suffix, (p, bs) in weights.items():
+      bs = self.precise_bn(p, bs)
+      for split in self.splits:
+        for k, v in self.evaluate_split(split, p, bs).items():
+          results[f"{split}{suffix}/{k}"] = v
+    return results
+
+
+def _map_bn(fn, tree):
+  """Applies fn to every BatchNorm statistics node ({'mean', 'var', ...}) of a tree."""
+  if isinstance(tree, dict) and "mean" in tree and "var" in tree:
+    return fn(tree)
+  return {k: _map_bn(fn, v) for k, v in tree.items()}
+
+
+def load_init_from(path: str, state, state_sharding):
+  """Start from another run's weights; a head of another class count stays fresh."""
+  ckpt, step = ckpt_lib.resolve(path)
+  saved = ckpt.model_shapes(step)
+  target, fresh = {}, []
+  for part in ("params", "batch_stats"):
+    ours = getattr(state, part)
+    shard = getattr(state_sharding, part)
+    flat_ours = jax.tree_util.tree_flatten_with_path(ours)[0]
+    flat_shard = jax.tree.leaves(shard)
+    saved_part = dict(jax.tree_util.tree_flatten_with_path(
+        saved.get(part, {}), is_leaf=lambda x: isinstance(x, tuple))[0])
+    keep = {}
+    for (p, leaf), sh in zip(flat_ours, flat_shard):
+      name = jax.tree_util.keystr(p)
+      if p not in saved_part:
+        fresh.append(part + name)
+      elif tuple(saved_part[p]) != leaf.shape:
+        if not name.startswith("['head']"):
+          raise ValueError(
+              f"init_from: {part}{name} has shape {tuple(saved_part[p])} in {path} but "
+              f"{leaf.shape} here; only the head may differ (same model, other classes).")
+        fresh.append(part + name)
+      else:
+        keep[p] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
+    target[part] = _unflatten(keep)
+  restored = ckpt.restore_model(step, target)
+  merged = {}
+  for part in ("params", "batch_stats"):
+    flat = dict(jax.tree_util.tree_flatten_with_path(restored.get(part, {}))[0])
+    ours = getattr(state, part)
+    merged[part] = jax.tree_util.tree_map_with_path(lambda p, x: flat.get(p, x), ours)
+  logging.info("Initialised from %s step %d; kept fresh: %s", ckpt.directory, step,
+               ", ".join(fresh) or "nothing")
+  ema = state.ema
+  if ema:
+    ema = {"params": merged["params"], "batch_stats": merged["batch_stats"]}
+  return state.replace(params=merged["params"], batch_stats=merged["batch_stats"], ema=ema)
+
+
+def _unflatten(flat: dict) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k.key, {})
+    node[path[-1].key] = v
+  return out
+
+
+def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str, float]:
+  """--mode=eval: restore the model part of a checkpoint and evaluate every split.
+
+  `checkpoint`: '' (the workdir's latest), a step number, or a path to a workdir /
+  checkpoints dir / step dir. Only params, batch_stats and EMA weights are read.
+  """
+  if checkpoint.isdigit():
+    ckpt, step = ckpt_lib.resolve(workdir, int(checkpoint))
+  else:
+    ckpt, step = ckpt_lib.resolve(checkpoint or workdir)
+  mesh = shd.make_mesh(config.get("mesh", ((shd.DATA, -1),)))
+  model = model_from_config(config)
+  x = jnp.zeros((1, model.img_size, model.img_size, 3))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+  saved = ckpt.model_shapes(step)
+  if saved.get("ema"):
+    abstract["ema"] = dict(abstract)
+  shardings = shd.state_shardings(abstract, mesh, config.get("fsdp", False))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  t0 = time.perf_counter()
+  restored = ckpt.restore_model(step, target)
+  logging.info("Restored step %d in %.2fs", step, time.perf_counter() - t0)
+  train_source = data_lib.get_source(config, config.get("train_split", "train"))
+  evaluator = Evaluator(config, model, mesh, train_source=train_source)
+  results = evaluator.run(restored["params"], restored["batch_stats"],
+                          restored.get("ema"))
+  results["step"] = step
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / f"eval_{step}.json").write_text(json.dumps(results, indent=2))
+  return results

@@ -1,0 +1,87 @@
+"""Where it runs: the device mesh, parameter shardings and global input arrays.
+
+The mesh has one `data` axis by default (every device, every host). Batches are split
+along it. Parameters and optimizer state are replicated, or, with `config.fsdp`, each
+array is split along its largest dimension that the axis size divides (small arrays
+stay replicated), so memory per device falls with the device count. Everything is a
+global `jax.Array`, which is what lets orbax save from every host and restore onto any
+topology.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+# Arrays smaller than this stay replicated under fsdp: splitting them saves nothing.
+FSDP_MIN_SIZE = 2 ** 14
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] = ((DATA, -1),)) -> Mesh:
+  """A mesh from [(name, size)], one size may be -1 (the rest of the devices)."""
+  names = [a for a, _ in axes]
+  sizes = [int(s) for _, s in axes]
+  n = jax.device_count()
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh {list(axes)} has more than one -1 axis; give all but "
+                     "one axis an explicit size.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n % known:
+      raise ValueError(f"config.mesh {list(axes)} does not fit {n} devices; the explicit "
+                       f"axis sizes must divide the device count.")
+    sizes[sizes.index(-1)] = n // known
+  if int(np.prod(sizes)) != n:
+    raise ValueError(f"config.mesh {list(axes)} needs {int(np.prod(sizes))} devices but "
+                     f"{n} are present; use -1 for the data axis.")
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  return jax.make_mesh(tuple(sizes), tuple(names), axis_types=auto)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int) -> P:
+  if np.prod(shape, dtype=np.int64) < FSDP_MIN_SIZE:
+    return P()
+  for dim in np.argsort(shape)[::-1]:  # largest dimension first
+    if shape[dim] % axis_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = DATA
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False) -> Any:
+  """Shardings for a pytree of ShapeDtypeStructs: replicated, or fsdp along `data`."""
+  def rule(x):
+    if not fsdp or not hasattr(x, "shape"):
+      return replicated(mesh)
+    return NamedSharding(mesh, fsdp_spec(x.shape, mesh.shape[DATA]))
+  return jax.tree.map(rule, abstract_state)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's slice of the batch -> one global array per key (no gather)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """Examples this process feeds per step; the batch must split evenly over devices."""
+  n, hosts = jax.device_count(), jax.process_count()
+  if global_batch_size % n:
+    raise ValueError(f"Batch size {global_batch_size} is not divisible by the {n} "
+                     f"devices; use a multiple of {n} (--config.batch_size=...).")
+  return global_batch_size // hosts
