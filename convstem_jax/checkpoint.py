@@ -35,8 +35,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3, read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
+    # Handlers named up front, so a fresh manager can read metadata of old steps.
+    handlers = {k: ocp.PyTreeCheckpointHandler() for k in ("model", "train")}
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
+        self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=True))
 

@@ -159,8 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       decay = optim.ema_decay(config, state.step)
       ema = optim.ema_update(ema, {"params": params, "batch_stats": batch_stats}, decay)
     metrics = {"train/loss": loss, "train/accuracy": acc,
-               "train/grad_norm": optax.global_norm(grads),
-               "train/param_norm": optax.global_norm(params),
+               "train/grad_norm": optax.tree.norm(grads),
+               "train/param_norm": optax.tree.norm(params),
                "train/lr": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, ema=ema)
@@ -256,9 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def check_finite(history, first_step: int, last_saved: int | None, checkpointer) -> None:
-  """Stops the run at the first step whose loss or gradient norm is NaN/Inf."""
+  """Stops the run at the first step whose loss, gradients or new weights are NaN/Inf."""
   for i, h in enumerate(history):
-    if not (np.isfinite(h["train/loss"]) and np.isfinite(h["train/grad_norm"])):
+    if not all(np.isfinite(h[k]) for k in ("train/loss", "train/grad_norm",
+                                           "train/param_norm")):
       where = (f"the last good checkpoint is step {last_saved} in {checkpointer.directory}"
                if last_saved else "no checkpoint was saved before it")
       raise FloatingPointError(

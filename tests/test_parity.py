@@ -154,6 +154,31 @@ def test_average_pooling_matches_timm_fc_norm():
   _assert_close(_compare(tm, ours, 32, seed=4))
 
 
+def test_explicit_attention_path_matches_timm():
+  # capture_attention=True takes the einsum/softmax path instead of dot_product_attention.
+  tm = _perturb(_tiny_timm(), seed=5)
+  ours = _tiny_ours(capture_attention=True)
+  x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+  with torch.no_grad():
+    want = tm(x).numpy()
+  with jax.default_matmul_precision("highest"):
+    (got, _), state = ours.apply(timm_to_flax(tm.state_dict(), ours),
+                                 jnp.asarray(x.permute(0, 2, 3, 1).numpy()), train=False,
+                                 mutable=["intermediates"])
+  weights = state["intermediates"]["block_0"]["attn"]["attention_weights"][0]
+  assert weights.shape == (2, 2, 5, 5)
+  err = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"explicit attention path max abs logit error: {err}")
+  assert err <= TOL
+
+
+def test_sincos2d_matches_timm():
+  from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+  from convstem_jax.models.vit import sincos2d
+  np.testing.assert_allclose(sincos2d(4, 64), build_sincos2d_pos_embed([4, 4], 64).numpy(),
+                             atol=1e-6)
+
+
 # --- conversion errors --------------------------------------------------------------
 
 def _tiny_timm():

@@ -2,8 +2,9 @@
 
 Class c is a fixed random 4x4 colour pattern, upsampled to the image size, plus Gaussian
 noise, so a model can learn it (loss falls, accuracy rises) and a broken trainer shows.
-Example i of a split depends only on (config.seed, split, i) and train batch s only on
-(config.seed, s): any process count and any resume point see the same data.
+Example i of a split depends only on (config.seed, split, i), and train batch s holds
+examples s*B .. s*B+B-1 (mod the split size): any process count and any resume point see
+the same data.
 """
 
 from __future__ import annotations
@@ -31,12 +32,10 @@ class SyntheticSource:
         :, :self.image_size, :self.image_size]
     self.split_id = _SPLIT_IDS.get(split, 1 + sum(map(ord, split)))
 
-  def _examples(self, stream: int, index: np.ndarray, labels: np.ndarray | None = None):
-    if labels is None:
-      labels = np.array([np.random.default_rng([self.seed, self.split_id, stream, int(i), 0])
-                         .integers(self.num_classes) for i in index], np.int32)
-    noise = np.stack([np.random.default_rng([self.seed, self.split_id, stream, int(i), 1])
-                      .normal(size=self.templates.shape[1:]) for i in index])
+  def _examples(self, index: np.ndarray):
+    rngs = [np.random.default_rng([self.seed, self.split_id, int(i)]) for i in index]
+    labels = np.array([r.integers(self.num_classes) for r in rngs], np.int32)
+    noise = np.stack([r.normal(size=self.templates.shape[1:]) for r in rngs])
     images = self.templates[labels] + self.noise * noise.astype(np.float32)
     return {"image": images.astype(np.float32), "label": labels}
 
@@ -46,8 +45,11 @@ class SyntheticSource:
     first = jax.process_index() * local_batch_size
     step = start_step
     while True:
-      yield self._examples(step, np.arange(first, first + local_batch_size) +
-                           step * global_bs)
+      # Indices wrap at the split size: with num_examples = batch size every step sees
+      # the same batch (the overfitting test).
+      index = (np.arange(first, first + local_batch_size) + step * global_bs) % \
+          self.num_examples
+      yield self._examples(index)
       step += 1
 
   def eval_batches(self, local_batch_size: int):
@@ -60,6 +62,6 @@ class SyntheticSource:
     for b in range(num_batches):
       idx = np.arange(lo + b * local_batch_size, lo + (b + 1) * local_batch_size)
       mask = idx < hi
-      batch = self._examples(0, np.where(mask, idx, lo))
+      batch = self._examples(np.where(mask, idx, lo))
       batch["mask"] = mask.astype(np.float32)
       yield batch
