@@ -1,8 +1,9 @@
 """Numerical parity with timm: timm weights -> `convert.timm_to_flax` -> same outputs.
 
-Needs PyTorch and timm (installed without dependencies). Where torchvision or Pillow
-cannot be imported, the stand-ins under tests/stubs supply the names timm's import
-touches; they are never used for computation.
+Needs PyTorch and timm (installed without dependencies; the `parity` extra brings the
+rest). Where torchvision cannot be imported (it has no CPU build on some registries), the
+stand-in under tests/stubs supplies the names timm's import touches; it is never used for
+computation.
 """
 
 import functools
@@ -40,7 +41,6 @@ _TIMM_REASON = "parity tests need timm: pip install --no-deps timm==1.0.31"
 if importlib.util.find_spec("timm") is None:
   pytest.importorskip("timm", reason=_TIMM_REASON)  # skips: timm is not installed
 # timm is installed: from here on an import error is a real failure, not a skip.
-_ensure_importable("PIL")
 _ensure_importable("torchvision")
 import timm  # noqa: E402
 from timm.layers import HybridEmbed  # noqa: E402
