@@ -11,6 +11,7 @@ count.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -21,6 +22,9 @@ MODEL_KEYS = ("params", "batch_stats", "ema")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  # orbax wants absolute paths; gs:// and other URLs already are.
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / "checkpoints"
 
 

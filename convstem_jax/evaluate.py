@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax import traverse_util
 
 from convstem_jax import checkpoint as ckpt_lib
 from convstem_jax import data as data_lib
@@ -116,48 +117,28 @@ def load_init_from(path: str, state, state_sharding):
   saved = ckpt.model_shapes(step)
   target, fresh = {}, []
   for part in ("params", "batch_stats"):
-    ours = getattr(state, part)
-    shard = getattr(state_sharding, part)
-    flat_ours = jax.tree_util.tree_flatten_with_path(ours)[0]
-    flat_shard = jax.tree.leaves(shard)
-    saved_part = dict(jax.tree_util.tree_flatten_with_path(
-        saved.get(part, {}), is_leaf=lambda x: isinstance(x, tuple))[0])
+    saved_shapes = traverse_util.flatten_dict(saved.get(part) or {})
+    shardings = traverse_util.flatten_dict(getattr(state_sharding, part))
     keep = {}
-    for (p, leaf), sh in zip(flat_ours, flat_shard):
-      name = jax.tree_util.keystr(p)
-      if p not in saved_part:
-        fresh.append(part + name)
-      elif tuple(saved_part[p]) != leaf.shape:
-        if not name.startswith("['head']"):
-          raise ValueError(
-              f"init_from: {part}{name} has shape {tuple(saved_part[p])} in {path} but "
-              f"{leaf.shape} here; only the head may differ (same model, other classes).")
-        fresh.append(part + name)
+    for key, leaf in traverse_util.flatten_dict(getattr(state, part)).items():
+      name, shape = "/".join((part, *key)), saved_shapes.get(key)
+      if shape is not None and tuple(shape) != leaf.shape and key[0] != "head":
+        raise ValueError(
+            f"init_from: {name} has shape {tuple(shape)} in {path} but {leaf.shape} here; "
+            "only the head may differ (same model, other classes).")
+      if shape is None or tuple(shape) != leaf.shape:
+        fresh.append(name)
       else:
-        keep[p] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
-    target[part] = _unflatten(keep)
+        keep[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[key])
+    target[part] = traverse_util.unflatten_dict(keep)
   restored = ckpt.restore_model(step, target)
-  merged = {}
-  for part in ("params", "batch_stats"):
-    flat = dict(jax.tree_util.tree_flatten_with_path(restored.get(part, {}))[0])
-    ours = getattr(state, part)
-    merged[part] = jax.tree_util.tree_map_with_path(lambda p, x: flat.get(p, x), ours)
+  merged = {part: traverse_util.unflatten_dict({
+      **traverse_util.flatten_dict(getattr(state, part)),
+      **traverse_util.flatten_dict(restored.get(part) or {})})
+      for part in ("params", "batch_stats")}
   logging.info("Initialised from %s step %d; kept fresh: %s", ckpt.directory, step,
                ", ".join(fresh) or "nothing")
-  ema = state.ema
-  if ema:
-    ema = {"params": merged["params"], "batch_stats": merged["batch_stats"]}
-  return state.replace(params=merged["params"], batch_stats=merged["batch_stats"], ema=ema)
-
-
-def _unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k.key, {})
-    node[path[-1].key] = v
-  return out
+  return state.replace(**merged, ema=dict(merged) if state.ema else state.ema)
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str, float]:
@@ -184,7 +165,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str,
   t0 = time.perf_counter()
   restored = ckpt.restore_model(step, target)
   logging.info("Restored step %d in %.2fs", step, time.perf_counter() - t0)
-  train_source = data_lib.get_source(config, config.get("train_split", "train"))
+  train_source = (data_lib.get_source(config, config.get("train_split", "train"))
+                  if config.get("precise_bn_images", 0) else None)
   evaluator = Evaluator(config, model, mesh, train_source=train_source)
   results = evaluator.run(restored["params"], restored["batch_stats"],
                           restored.get("ema"))
