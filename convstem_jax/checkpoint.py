@@ -43,8 +43,9 @@ class Checkpointer:
     handlers = {k: ocp.PyTreeCheckpointHandler() for k in ("model", "train")}
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=True))
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else 1, create=not read_only,
+            read_only=read_only, enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -9,6 +9,7 @@ Multi-host: set CONVSTEM_JAX_DISTRIBUTED=1 where JAX can discover the cluster it
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -66,10 +67,17 @@ def main(argv):
   from convstem_jax import evaluate  # pylint: disable=g-import-not-at-top
   from convstem_jax import train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
-  if FLAGS.mode == "eval":
-    results = evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
-  else:
-    results = train.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    if FLAGS.mode == "eval":
+      results = evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
+    else:
+      results = train.train_and_evaluate(config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    # Errors a user can cause end in their one sentence, not a traceback.
+    if os.environ.get("CONVSTEM_JAX_DEBUG") == "1":
+      raise
+    logging.error("%s", e)
+    sys.exit(f"error: {e}\n(set CONVSTEM_JAX_DEBUG=1 for the traceback)")
   for key in sorted(results):
     if key.endswith(("/accuracy", "/top5", "/loss")):
       print(f"{key}: {results[key]:.4f}")

@@ -70,6 +70,9 @@ class Progress:
     self.paused += seconds
 
   def update(self, step: int) -> dict[str, float]:
+    """Rates since the last update; {} when no step ran since then."""
+    if step == self.last:
+      return {}
     now = time.perf_counter()
     dt = max(now - self.t - self.paused, 1e-9)
     rate = (step - self.last) * self.batch / dt
@@ -81,6 +84,8 @@ class Progress:
 
   @staticmethod
   def line(step: int, total: int, loss: float, rates: Mapping[str, float]) -> str:
+    if not rates:
+      return f"step {step}/{total}  loss {loss:.4f}"
     eta = rates["eta_s"]
     eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
     return (f"step {step}/{total}  loss {loss:.4f}  "

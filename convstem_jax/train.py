@@ -71,6 +71,7 @@ def write_config(config, workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the workdir's latest checkpoint) and returns the final evals."""
   # ---------------------------------------------------------------- setup
+  model = model_from_config(config)  # a bad model name fails before anything is written
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   write_config(config, workdir)
   logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
@@ -92,7 +93,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                train_source.num_examples, steps_per_epoch, total_steps, config.batch_size)
 
   # ------------------------------------------------- model and optimizer, born sharded
-  model = model_from_config(config)
   init_images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
   use_ema = config.get("ema_decay", 0.0) > 0
   root_rng = jax.random.PRNGKey(config.seed)
@@ -235,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     scalars = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
     scalars["train/lr"] = float(history[-1]["train/lr"])
     rates = progress.update(step)
-    scalars.update({f"train/{k}": v for k, v in rates.items() if k != "eta_s"})
+    if rates:  # none right after the (compiling) first step
+      scalars.update({f"train/{k}": v for k, v in rates.items() if k != "eta_s"})
     logging.info(metrics_lib.Progress.line(step, total_steps, scalars["train/loss"], rates))
 
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ RUNLOCAL = "--config=configs/vit_b_srelu.py:runlocal"
 TIMEOUT_S = 300
 
 # absl progress line, e.g. "step 3/3  loss 2.2870  14.5 img/s  ETA 00:00:00".
-STEP_LINE = re.compile(r"step (\d+)/(\d+)  loss ([-\d.naif]+)  ([\d.]+) img/s")
+STEP_LINE = re.compile(r"step (\d+)/(\d+)  loss ([-\d.naif]+)(?:  ([\d.]+) img/s)?")
 RESUMED_LINE = re.compile(
     r"Resumed from checkpoint (\S+)/(\d+) \(([\d.]+)s\) on (\d+) devices")
 FIRST_STEP_LINE = re.compile(r"First step \(compilation included\) done in ([\d.]+)s")

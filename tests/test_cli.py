@@ -204,18 +204,21 @@ def test_two_processes_train_together_and_agree(tmp_path):
 # ---------------------------------------------------------------- errors
 
 
-def _last_line(text: str) -> str:
-  return ([l for l in text.splitlines() if l.strip()] or [""])[-1]
+def _error_line(text: str) -> str:
+  return ([l for l in text.splitlines() if l.startswith("error: ")] or [""])[-1]
 
 
 def test_unknown_model_is_one_clear_error(tmp_path):
-  result = run_cli(RUNLOCAL, f"--workdir={tmp_path / 'w'}", "--config.model_name=vit_huge",
+  workdir = tmp_path / "w"
+  result = run_cli(RUNLOCAL, f"--workdir={workdir}", "--config.model_name=vit_huge",
                    num_devices=1, timeout=120)
   assert result.returncode != 0, str(result)
-  last = _last_line(result.stderr)
-  assert "Unknown model 'vit_huge'; valid names: " in last, str(result)
-  names = last.split("valid names: ")[1].rstrip(".").split(", ")
+  assert "Traceback" not in result.stderr, str(result)
+  line = _error_line(result.stderr)
+  assert "Unknown model 'vit_huge'; valid names: " in line, str(result)
+  names = line.split("valid names: ")[1].rstrip(".").split(", ")
   assert {"vit_ti16", "vit_s16", "vit_b16"} <= set(names), names
+  assert not workdir.exists(), "a bad model must fail before anything is written"
 
 
 def test_unknown_config_argument_is_a_clear_error(tmp_path):
