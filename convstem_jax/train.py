@@ -246,8 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("step %d eval: %s", step, ", ".join(
           f"{k} {v:.4f}" for k, v in sorted(results.items())))
     if is_ckpt:
+      t_save = time.perf_counter()
       checkpointer.save(step, state.as_dict())
       last_saved = step
+      logging.info("Checkpoint %d started in %.2fs (written in the background).", step,
+                   time.perf_counter() - t_save)
     progress.pause(time.perf_counter() - t0)
     writer.write(step, scalars)
 

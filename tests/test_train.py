@@ -236,3 +236,16 @@ def test_relative_workdir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   train.train_and_evaluate(tiny_config(total_steps=1), "runs/rel")
   assert ckpt_lib.Checkpointer("runs/rel").all_steps() == [1]
+
+
+def test_train_step_compiles_once(tmp_path, caplog):
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level("WARNING"):
+      train.train_and_evaluate(tiny_config(total_steps=5, eval_every_steps=2,
+                                           checkpoint_every_steps=2), str(tmp_path))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [r.getMessage() for r in caplog.records
+              if "Finished XLA compilation of jit(train_step)" in r.getMessage()]
+  assert len(compiles) == 1, compiles
