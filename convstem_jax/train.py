@@ -114,6 +114,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- update step
   accum = max(1, config.get("grad_accum_steps", 1))
+  if config.batch_size % (accum * jax.device_count()):
+    raise ValueError(f"grad_accum_steps={accum} micro-batches of a global batch of "
+                     f"{config.batch_size} do not split evenly over {jax.device_count()} "
+                     "devices; make batch_size a multiple of grad_accum_steps x devices.")
   smoothing = config.get("label_smoothing", 0.0)
 
   def loss_fn(params, batch_stats, batch, rng):
@@ -134,8 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       (loss, (batch_stats, acc)), grads = grad_fn(state.params, state.batch_stats, batch,
                                                   rng)
     else:
-      # Micro-batches of consecutive examples, so each stays sharded over the devices;
-      # BatchNorm statistics thread through them in order.
+      # Micro-batch j holds examples j, j+accum, ..., so each one stays spread over all
+      # devices; BatchNorm statistics thread through them in order.
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
           batch)

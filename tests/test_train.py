@@ -112,7 +112,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
               optimizer="sgd", lr=0.1, weight_decay=0.0)
   base["model"] = dict(depth=1, patch_size=8)
   train.train_and_evaluate(tiny_config(**base), str(tmp_path / "one"))
-  train.train_and_evaluate(tiny_config(grad_accum_steps=4, **base), str(tmp_path / "acc"))
+  train.train_and_evaluate(tiny_config(grad_accum_steps=2, **base), str(tmp_path / "acc"))
   one, acc = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "acc")
   np.testing.assert_allclose([r["train/loss"] for r in acc],
                              [r["train/loss"] for r in one], rtol=1e-4)
@@ -219,6 +219,8 @@ def test_nan_stops_the_run_naming_the_step_and_checkpoint(tmp_path):
 def test_bad_batch_size_and_mesh_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     train.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))
+  with pytest.raises(ValueError, match="do not split evenly over 8 devices"):
+    train.train_and_evaluate(tiny_config(grad_accum_steps=4), str(tmp_path))
   with pytest.raises(ValueError, match="does not fit 8 devices"):
     shd.make_mesh((("data", -1), ("model", 3)))
 
