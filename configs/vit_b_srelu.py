@@ -15,8 +15,6 @@ yet reproduced and do not quote. runlocal uses synthetic data (class-coloured no
 because no ImageNet is on a laptop: it checks the machinery, not the recipe.
 """
 
-import logging
-
 from convstem_jax import config as common
 
 VARIANTS = {"ti": "vit_ti16", "s": "vit_s16", "b": "vit_b16"}
@@ -40,7 +38,6 @@ def get_config(arg=None):
   c.ema_decay = 0.99996
   c.batch_size = c.eval_batch_size = 1024
   if a.runlocal:
-    logging.info("runlocal: synthetic data, 2 blocks at 32 px, 50 steps.")
     common.apply_runlocal(c)
     c.model.dtype = "float32"
     c.lr, c.lr_batch_base = 1e-3, 0  # learn something in 50 steps of 16 images

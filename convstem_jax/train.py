@@ -89,8 +89,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log_every = max(1, config.get("log_every_steps", 50))
   eval_every = every(config, "eval_every", steps_per_epoch)
   ckpt_every = every(config, "checkpoint_every", steps_per_epoch)
-  logging.info("%d train examples, %d steps/epoch, %d steps of global batch %d",
-               train_source.num_examples, steps_per_epoch, total_steps, config.batch_size)
+  logging.info("%s: %d train examples, %d steps/epoch, %d steps of global batch %d",
+               config.dataset, train_source.num_examples, steps_per_epoch, total_steps,
+               config.batch_size)
+  if config.dataset == "synthetic":
+    logging.warning("Training on synthetic data (class-coloured noise): this checks the "
+                    "machinery, not a recipe.")
 
   # ------------------------------------------------- model and optimizer, born sharded
   init_images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)

@@ -1,0 +1,122 @@
+"""A split held as a list of image files and labels, read with tf.data (ELPV, folders).
+
+Train stream (per process): this process's slice of the files (every count-th one), in a
+fresh permutation each epoch (shuffle before repeat), seeded by (config.seed, process,
+epoch); augmentation seeded by (config.seed, process, position in the stream). Position
+and epoch follow from the step, so `train_batches(b, start_step=s)` skips straight to
+batch s without reading the earlier ones: a resumed run sees exactly the batches the
+uninterrupted run would have seen (for the same process count and batch size).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from convstem_jax.data import common
+
+
+def import_tf():
+  """TensorFlow for tf.data only: never let it claim an accelerator."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (RuntimeError, ValueError):
+    pass  # already initialised, or no such device type
+  return tf
+
+
+def default_pp(config, train: bool) -> str:
+  size = int(config.image_size)
+  if train:
+    return f"decode|inception_crop({size})|flip_lr|value_range(-1, 1)"
+  return f"decode|resize_small({int(round(size / 0.875))})|central_crop({size})|" \
+         "value_range(-1, 1)"
+
+
+def pp_spec(config, train: bool):
+  spec = config.get("pp_train" if train else "pp_eval", "")
+  return spec or default_pp(config, train)
+
+
+def _options(tf, config):
+  opts = tf.data.Options()
+  opts.deterministic = True
+  threads = int(config.get("data_threads", 0))
+  if threads:
+    opts.threading.private_threadpool_size = threads
+  return opts
+
+
+class FileSource:
+  """`Source` over `paths[i]` with integer `labels[i]` (the whole split, all processes)."""
+
+  def __init__(self, config, split: str, paths: Sequence[str], labels: Sequence[int]):
+    self.config, self.split = config, split
+    self.seed = int(config.seed)
+    self.paths = np.asarray([str(p) for p in paths])
+    self.labels = np.asarray(labels, np.int32)
+    self.num_examples = len(self.paths)
+    self.local = common.process_slice(self.num_examples)
+
+  def _pipeline(self, tf, train: bool):
+    from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
+    fn = pp.build(pp_spec(self.config, train))
+    paths = tf.constant(self.paths[self.local])
+    labels = tf.constant(self.labels[self.local])
+
+    def load(i, seed):
+      data = tf.io.read_file(tf.gather(paths, i))
+      return fn({"image": data, "label": tf.gather(labels, i)}, seed)
+    return load
+
+  def train_batches(self, local_batch_size: int, start_step: int = 0):
+    tf = import_tf()
+    import jax  # pylint: disable=g-import-not-at-top
+    n = len(self.local)
+    if n == 0:
+      raise ValueError(f"Split '{self.split}' has {self.num_examples} examples, too few "
+                       f"for {jax.process_count()} processes.")
+    me = jax.process_index()
+    order_seed = common.seed_for(self.seed, "order", self.split, me)
+    aug_seed = common.seed_for(self.seed, "augment", self.split, me)
+    start = int(start_step) * local_batch_size
+    first_epoch, offset = divmod(start, n)
+
+    def epoch(e):
+      perm = tf.random.experimental.stateless_shuffle(
+          tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(order_seed, tf.int64), e]))
+      return tf.data.Dataset.from_tensor_slices(perm)
+
+    index = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
+    position = tf.data.Dataset.range(start, 2 ** 62)
+    load = self._pipeline(tf, train=True)
+    ds = tf.data.Dataset.zip(position, index).map(
+        lambda p, i: load(i, tf.stack([tf.constant(aug_seed, tf.int64), p])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
+    ds = ds.with_options(_options(tf, self.config))
+    return (_keep(b) for b in ds.as_numpy_iterator())
+
+  def eval_batches(self, local_batch_size: int):
+    tf = import_tf()
+    load = self._pipeline(tf, train=False)
+    ds = tf.data.Dataset.range(len(self.local)).map(
+        lambda i: load(i, None), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch_size).prefetch(2).with_options(_options(tf, self.config))
+    return common.pad_batches((_keep(b) for b in ds.as_numpy_iterator()),
+                              local_batch_size,
+                              common.eval_num_batches(self.num_examples, local_batch_size),
+                              _template(ds))
+
+
+def _keep(batch):
+  return {"image": batch["image"], "label": batch["label"]}
+
+
+def _template(ds):
+  spec = ds.element_spec
+  return {k: (tuple(spec[k].shape[1:]), spec[k].dtype.as_numpy_dtype)
+          for k in ("image", "label")}

@@ -1,0 +1,129 @@
+"""A user's own images: one folder per class.
+
+Layouts under `config.data_dir` (the root):
+  root/train/<class>/*  +  root/test/<class>/*   (or root/val/, root/validation/)
+  root/<class>/*        a single tree: a stratified `config.folder_test_fraction`
+                        (default 0.2) of each class is the 'test' split, drawn with the
+                        fixed seed `config.folder_split_seed` (default 0)
+Classes are the sorted subfolder names of the train tree (label = position). Split names:
+'train' and 'test'; 'val' / 'validation' read the same held-out tree.
+
+Files are images by extension (jpg, jpeg, png, gif, bmp, webp, tif, tiff, ppm, pgm);
+anything else (notes, .DS_Store, csv) is ignored. Every image is opened once when the
+source is built; unreadable or corrupt ones are skipped, and their count and first few
+names are logged in one warning.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+
+import numpy as np
+
+from convstem_jax.data.files import FileSource
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
+                    ".ppm", ".pgm")
+HELD_OUT = ("test", "val", "validation")
+LAYOUT = ("root/train/<class>/<image> with root/test/<class>/<image> (or val/), or "
+          "root/<class>/<image> split by config.folder_test_fraction")
+
+
+def _readable(path: str) -> bool:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      im.load()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def list_class_tree(root: str) -> tuple[list[str], list[str], list[int]]:
+  """(class names, image paths, labels) under root/<class>/**."""
+  classes = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+      for f in sorted(files):
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+          paths.append(os.path.join(dirpath, f))
+          labels.append(label)
+  return classes, paths, labels
+
+
+def drop_unreadable(paths, labels, where: str):
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    ok = list(pool.map(_readable, paths))
+  bad = [p for p, good in zip(paths, ok) if not good]
+  if bad:
+    logging.warning("Image folder %s: skipped %d unreadable or corrupt file(s) of %d: %s%s",
+                    where, len(bad), len(paths), ", ".join(bad[:5]),
+                    " ..." if len(bad) > 5 else "")
+  return ([p for p, good in zip(paths, ok) if good],
+          [l for l, good in zip(labels, ok) if good])
+
+
+def stratified_split(labels, fraction: float, seed: int) -> dict[str, np.ndarray]:
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  test = []
+  for c in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    test.extend(members[:int(round(fraction * len(members)))].tolist())
+  test = np.sort(np.asarray(test, np.int64))
+  return {"train": np.setdiff1d(np.arange(len(labels)), test), "test": test}
+
+
+class FolderSource(FileSource):
+
+  def __init__(self, config, split: str):
+    root = config.get("data_dir", "")
+    if not root or not os.path.isdir(root):
+      raise FileNotFoundError(
+          f"Image folder '{root}' does not exist; set --config.data_dir to a folder laid "
+          f"out as {LAYOUT}.")
+    held_out = next((d for d in HELD_OUT if os.path.isdir(os.path.join(root, d))), None)
+    split_dirs = os.path.isdir(os.path.join(root, "train")) and held_out is not None
+    want = "train" if split == "train" else "test"
+    if split not in ("train", *HELD_OUT):
+      raise ValueError(f"Image folders have splits 'train' and 'test' (or 'val'), not "
+                       f"'{split}'.")
+    if split_dirs:
+      train_classes = list_class_tree(os.path.join(root, "train"))[0]
+      tree = os.path.join(root, "train" if want == "train" else held_out)
+      classes, paths, labels = list_class_tree(tree)
+      unknown = set(classes) - set(train_classes)
+      if unknown:
+        raise ValueError(f"Image folder {tree} has classes not in the train folder: "
+                         f"{', '.join(sorted(unknown))}.")
+      remap = {i: train_classes.index(c) for i, c in enumerate(classes)}
+      labels = [remap[l] for l in labels]
+      classes = train_classes
+    else:  # one tree (root/train alone counts as one tree too)
+      tree = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) \
+          else root
+      classes, paths, labels = list_class_tree(tree)
+    if not paths:
+      raise FileNotFoundError(f"Image folder '{tree}' holds no images; lay it out as "
+                              f"{LAYOUT}.")
+    if len(classes) > int(config.num_classes):
+      raise ValueError(f"Image folder {root} has {len(classes)} classes but "
+                       f"config.num_classes is {config.num_classes}; set it to "
+                       f"{len(classes)}.")
+    paths, labels = drop_unreadable(paths, labels, tree)
+    if not split_dirs:
+      index = stratified_split(labels, float(config.get("folder_test_fraction", 0.2)),
+                               int(config.get("folder_split_seed", 0)))[want]
+      paths, labels = list(np.asarray(paths)[index]), list(np.asarray(labels)[index])
+    self.classes = classes
+    super().__init__(config, split, paths, labels)
+
+
+def count_classes(root: str) -> int:
+  """Classes of an image folder (for configs that size the model from the data)."""
+  train = os.path.join(root, "train")
+  return len(list_class_tree(train if os.path.isdir(train) else root)[0])

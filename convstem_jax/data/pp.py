@@ -1,0 +1,306 @@
+"""Preprocessing ops, composed from a config string (TensorFlow; imported lazily).
+
+A pipeline is a '|'-separated string (or a list of op strings), big_vision style:
+
+    "decode|inception_crop(224)|flip_lr|normalize"
+    "decode|resize_small(256)|central_crop(224)|value_range(-1, 1)"
+
+Each op is `name` or `name(args)` with Python literal arguments. Ops map a features dict
+({"image", "label"}) to a features dict. Random ops are stateless: they take a per-example
+seed (an int64 [2] tensor) that the source derives from `config.seed`, the process and the
+example's position in the stream, so a pipeline gives the same output eagerly and inside
+`tf.data`, and the same batches after a restart. Op i of a pipeline gets its own seed,
+folded from the example seed with i.
+
+Pixel convention: images are uint8 or float in [0, 255] until `value_range` or
+`normalize`; the pipeline's output image is float32 HWC (an image still uint8 at the end
+is scaled to [0, 1]), the label int32.
+
+Ops:
+  decode(channels=3)            encoded bytes (JPEG, PNG, GIF, BMP, WebP; other formats
+                                such as TIFF through PIL) -> uint8; grayscale -> 3 channels
+  inception_crop(size, area_min=0.08, area_max=1.0, ratio_min=3/4, ratio_max=4/3)
+                                random-resized crop (alias random_resized_crop); on JPEG
+                                bytes the decode is fused with the crop
+  flip_lr(prob=0.5), flip_ud(prob=0.5)
+  resize(size), resize_small(size), central_crop(size)
+  value_range(vmin=-1, vmax=1)  [0, 255] -> [vmin, vmax]
+  normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)   means/stds in [0, 1] units
+  gray_to_rgb                   1 channel -> 3 (decode already does it)
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Op = Callable[[dict, Any], dict]
+OPS: dict[str, Callable[..., Op]] = {}
+
+
+def register(*names):
+  def wrap(factory):
+    for n in names:
+      OPS[n] = factory
+    return factory
+  return wrap
+
+
+# ------------------------------------------------------------------ parsing
+
+def parse(spec: str | Sequence[str]) -> list[tuple[str, tuple, dict]]:
+  """'a|b(1, x=2)' -> [('a', (), {}), ('b', (1,), {'x': 2})]."""
+  parts = spec.split("|") if isinstance(spec, str) else list(spec)
+  out = []
+  for part in (p.strip() for p in parts):
+    if not part:
+      continue
+    try:
+      node = ast.parse(part, mode="eval").body
+    except SyntaxError as e:
+      raise ValueError(f"Bad preprocessing op '{part}': write name or name(args).") from e
+    if isinstance(node, ast.Name):
+      name, args, kwargs = node.id, (), {}
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+      name = node.func.id
+      try:
+        args = tuple(ast.literal_eval(a) for a in node.args)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+      except ValueError as e:
+        raise ValueError(f"Bad preprocessing op '{part}': arguments must be literals.") from e
+    else:
+      raise ValueError(f"Bad preprocessing op '{part}': write name or name(args).")
+    if name not in OPS:
+      raise ValueError(f"Unknown preprocessing op '{name}'; known: {', '.join(sorted(OPS))}.")
+    out.append((name, args, kwargs))
+  return out
+
+
+def build(spec: str | Sequence[str]) -> Callable[[dict, Any], dict]:
+  """The pipeline `fn(features, seed) -> features` a spec describes."""
+  ops = [OPS[name](*args, **kwargs) for name, args, kwargs in parse(spec)]
+
+  def fn(features: dict, seed=None) -> dict:
+    features = dict(features)
+    seed = tf.zeros([2], tf.int64) if seed is None else tf.cast(seed, tf.int64)
+    for i, op in enumerate(ops):
+      features = op(features, tf.random.experimental.stateless_fold_in(seed, i))
+    image = features["image"]
+    if image.dtype == tf.string:
+      raise ValueError("The preprocessing pipeline leaves encoded images; start it with "
+                       "'decode' (or a fused op such as inception_crop).")
+    features["image"] = (tf.image.convert_image_dtype(image, tf.float32)
+                         if image.dtype == tf.uint8 else tf.cast(image, tf.float32))
+    if "label" in features:
+      features["label"] = tf.cast(features["label"], tf.int32)
+    return features
+  return fn
+
+
+# ------------------------------------------------------------------ decoding
+
+_TF_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")  # + WebP: RIFF....WEBP
+
+
+def _tf_decodable(data):
+  head = tf.strings.substr(data, 0, 4)
+  ok = tf.reduce_any([tf.strings.substr(data, 0, len(m)) == m for m in _TF_MAGIC])
+  webp = tf.logical_and(head == b"RIFF", tf.strings.substr(data, 8, 4) == b"WEBP")
+  return tf.logical_or(ok, webp)
+
+
+def _pil_decode(data: bytes, channels: int) -> np.ndarray:
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as im:
+    im = im.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(im, np.uint8)
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def decode_bytes(data, channels: int = 3):
+  """Encoded image bytes -> uint8 [h, w, channels], any common format."""
+  def with_tf():
+    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+
+  def with_pil():
+    return tf.numpy_function(lambda d: _pil_decode(d, channels), [data], tf.uint8)
+
+  image = tf.cond(_tf_decodable(data), with_tf, with_pil)
+  image.set_shape([None, None, channels])
+  return image
+
+
+def _to_channels(image, channels: int):
+  if channels == 3 and image.shape[-1] == 1:
+    return tf.tile(image, [1, 1, 3])
+  if channels == 1 and image.shape[-1] == 3:
+    return tf.cast(tf.round(tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))),
+                   image.dtype)
+  return image
+
+
+@register("decode")
+def decode(channels: int = 3) -> Op:
+  def op(f, seed):
+    del seed
+    image = f["image"]
+    f["image"] = (decode_bytes(image, channels) if image.dtype == tf.string
+                  else _to_channels(image, channels))
+    return f
+  return op
+
+
+@register("gray_to_rgb")
+def gray_to_rgb() -> Op:
+  def op(f, seed):
+    del seed
+    f["image"] = _to_channels(f["image"], 3)
+    return f
+  return op
+
+
+# ------------------------------------------------------------------ geometry
+
+def _size2(size):
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _resize(image, size):
+  dtype = image.dtype
+  out = tf.image.resize(image, _size2(size), method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype) if dtype == tf.uint8 else out
+
+
+def _crop_box(shape, seed, area, ratio):
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+      min_object_covered=0.0, aspect_ratio_range=ratio, area_range=area,
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+@register("inception_crop", "random_resized_crop")
+def inception_crop(size, area_min: float = 0.08, area_max: float = 1.0,
+                   ratio_min: float = 3 / 4, ratio_max: float = 4 / 3,
+                   channels: int = 3) -> Op:
+  area, ratio = (area_min, area_max), (ratio_min, ratio_max)
+
+  def crop_decoded(image, seed):
+    begin, crop = _crop_box(tf.shape(image), seed, area, ratio)
+    return tf.slice(image, begin, crop)
+
+  def op(f, seed):
+    image = f["image"]
+    if image.dtype == tf.string:  # fuse decode and crop for JPEG: decode the crop only
+      data = image
+
+      def jpeg():
+        shape = tf.io.extract_jpeg_shape(data)
+        begin, crop = _crop_box(shape, seed, area, ratio)
+        window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+        return tf.io.decode_and_crop_jpeg(data, window, channels=channels)
+
+      def other():
+        return crop_decoded(decode_bytes(data, channels), seed)
+
+      image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+      image.set_shape([None, None, channels])
+    else:
+      image = crop_decoded(image, seed)
+    f["image"] = _resize(image, size)
+    return f
+  return op
+
+
+@register("flip_lr")
+def flip_lr(prob: float = 0.5) -> Op:
+  def op(f, seed):
+    flip = tf.random.stateless_uniform([], seed) < prob
+    f["image"] = tf.cond(flip, lambda: tf.reverse(f["image"], [1]), lambda: f["image"])
+    return f
+  return op
+
+
+@register("flip_ud")
+def flip_ud(prob: float = 0.5) -> Op:
+  def op(f, seed):
+    flip = tf.random.stateless_uniform([], seed) < prob
+    f["image"] = tf.cond(flip, lambda: tf.reverse(f["image"], [0]), lambda: f["image"])
+    return f
+  return op
+
+
+@register("resize")
+def resize(size) -> Op:
+  def op(f, seed):
+    del seed
+    f["image"] = _resize(f["image"], size)
+    return f
+  return op
+
+
+@register("resize_small")
+def resize_small(size: int) -> Op:
+  """Shorter side to `size`, aspect ratio kept."""
+  def op(f, seed):
+    del seed
+    image = f["image"]
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    scale = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+    dtype = image.dtype
+    out = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear",
+                          antialias=True)
+    f["image"] = (tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype)
+                  if dtype == tf.uint8 else out)
+    return f
+  return op
+
+
+@register("central_crop")
+def central_crop(size) -> Op:
+  ch, cw = _size2(size)
+
+  def op(f, seed):
+    del seed
+    image = f["image"]
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    image = tf.slice(image, [top, left, 0], [ch, cw, -1])
+    image.set_shape([ch, cw, f["image"].shape[-1]])
+    f["image"] = image
+    return f
+  return op
+
+
+# ------------------------------------------------------------------ values
+
+@register("value_range")
+def value_range(vmin: float = -1.0, vmax: float = 1.0) -> Op:
+  def op(f, seed):
+    del seed
+    x = tf.cast(f["image"], tf.float32) / 255.0
+    f["image"] = vmin + x * (vmax - vmin)
+    return f
+  return op
+
+
+@register("normalize")
+def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Op:
+  """(x / 255 - mean) / std, with mean and std in [0, 1] units (timm's convention)."""
+  mean = tf.constant(mean, tf.float32)
+  std = tf.constant(std, tf.float32)
+
+  def op(f, seed):
+    del seed
+    f["image"] = (tf.cast(f["image"], tf.float32) / 255.0 - mean) / std
+    return f
+  return op

@@ -1,0 +1,120 @@
+"""tensorflow-datasets sources: imagenet2012, imagenet_v2, cifar10, cifar100, svhn_cropped.
+
+Data directory: `config.data_dir`, else $TFDS_DATA_DIR, else tfds' default
+(~/tensorflow_datasets); local or gs://. Nothing is ever downloaded here: a dataset that
+is not prepared in that directory fails at once with a sentence saying how to prepare it.
+
+Each process reads `tfds.even_splits(split, process_count)[process_index]`. Images stay
+encoded until the preprocessing pipeline, so `inception_crop` can decode just the crop.
+
+Train stream: shuffled files (seeded), a shuffle buffer (`config.shuffle_buffer`, default
+50,000 or the split size) before `repeat`, augmentation seeded by (config.seed, process,
+position). Resuming: a big tfds split cannot be skipped into cheaply, so
+`train_batches(b, start_step=s)` starts a fresh stream seeded by (config.seed, process,
+s): deterministic for a given resume step, but not the continuation of the
+uninterrupted stream (file sources such as ELPV and folders resume exactly).
+"""
+
+from __future__ import annotations
+
+import os
+
+from convstem_jax.data import common
+from convstem_jax.data.files import _keep, _options, _template, import_tf, pp_spec
+
+_PREPARE = {
+    "imagenet2012": "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+                    "image-net.org into {dir}/downloads/manual, then run "
+                    "`tfds build imagenet2012 --data_dir={dir}`",
+}
+
+
+def data_dir_for(config) -> str | None:
+  return config.get("data_dir", "") or os.environ.get("TFDS_DATA_DIR") or None
+
+
+class TfdsSource:
+
+  def __init__(self, config, split: str, name: str):
+    import jax  # pylint: disable=g-import-not-at-top
+    import_tf()
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.tfds = tfds
+    self.config, self.split, self.name = config, split, name
+    self.seed = int(config.seed)
+    self.data_dir = data_dir_for(config)
+    try:
+      self.builder = tfds.builder(name, data_dir=self.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f"tensorflow-datasets has no dataset '{name}'; check the name in "
+                       "config.dataset.") from e
+    self.count, self.index = jax.process_count(), jax.process_index()
+    self.local_split = tfds.even_splits(split, n=self.count)[self.index]
+    self._dataset(shuffle=False)  # fails now, not at the first batch, if data is missing
+    self.num_examples = self._count(split)
+
+  def _dataset(self, shuffle: bool, seed: int = 0):
+    tfds = self.tfds
+    decoders = ({"image": tfds.decode.SkipDecoding()}
+                if "image" in self.builder.info.features else None)
+    try:
+      return self.builder.as_dataset(
+          split=self.local_split, shuffle_files=shuffle, decoders=decoders,
+          read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False))
+    except (AssertionError, FileNotFoundError) as e:
+      where = self.data_dir or os.path.dirname(os.path.dirname(self.builder.data_dir))
+      how = _PREPARE.get(self.name, "prepare it with `tfds build {name} --data_dir={dir}` "
+                         "on a machine with internet access").format(dir=where,
+                                                                      name=self.name)
+      raise FileNotFoundError(
+          f"Dataset '{self.name}' (split '{self.split}') was not found in {where}: {how}, "
+          "or point --config.data_dir (or TFDS_DATA_DIR) at the directory that holds "
+          "it.") from e
+
+  def _count(self, split: str) -> int:
+    try:
+      n = self.builder.info.splits[split].num_examples
+      if n:
+        return int(n)
+    except (KeyError, ValueError, TypeError):
+      pass
+    # No split metadata (e.g. under tfds.testing.mock_data): count this slice's records
+    # and assume equal slices, which holds for even_splits up to one example.
+    tf = import_tf()
+    ds = self._dataset(shuffle=False)
+    n = int(ds.cardinality())
+    if n < 0:
+      n = int(ds.reduce(0, lambda c, _: c + 1))
+    return n * self.count
+
+  def train_batches(self, local_batch_size: int, start_step: int = 0):
+    tf = import_tf()
+    from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
+    fn = pp.build(pp_spec(self.config, train=True))
+    order_seed = common.seed_for(self.seed, "order", self.split, self.index, start_step)
+    aug_seed = common.seed_for(self.seed, "augment", self.split, self.index, start_step)
+    ds = self._dataset(shuffle=True, seed=order_seed % 2 ** 31)
+    buffer = int(self.config.get("shuffle_buffer", 50_000))
+    ds = ds.shuffle(max(1, min(buffer, self.num_examples // self.count + 1)),
+                    seed=order_seed % 2 ** 31, reshuffle_each_iteration=True).repeat()
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(2 ** 62), ds).map(
+        lambda p, f: fn({"image": f["image"], "label": f["label"]},
+                        tf.stack([tf.constant(aug_seed, tf.int64), p])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
+    ds = ds.with_options(_options(tf, self.config))
+    return (_keep(b) for b in ds.as_numpy_iterator())
+
+  def eval_batches(self, local_batch_size: int):
+    tf = import_tf()
+    from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
+    fn = pp.build(pp_spec(self.config, train=False))
+    ds = self._dataset(shuffle=False).map(
+        lambda f: fn({"image": f["image"], "label": f["label"]}, None),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch_size).prefetch(2).with_options(_options(tf, self.config))
+    return common.pad_batches((_keep(b) for b in ds.as_numpy_iterator()),
+                              local_batch_size,
+                              common.eval_num_batches(self.num_examples, local_batch_size,
+                                                      self.count),
+                              _template(ds))
