@@ -15,7 +15,8 @@
   (papers.md section 1 lists N(0, 2/out_ch) for the hidden stem convs; the code read
   above leaves them at PyTorch's default, and we follow the code.)
 
-Attention initialisation (`attention_init`) is a separate knob: see `attention_kinds`.
+Attention initialisation (`attention_init`) is a separate knob, applied on top of the
+style: see `structured_init.py` (default, mimetic, impulse3/5 and their closed forms).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from convstem_jax.models.structured_init import KINDS as ATTENTION_INITS
+
 INIT_STYLES = ("jax", "pycls")
-ATTENTION_INITS = ("default",)
 
 zeros = nn.initializers.zeros
 xavier = nn.initializers.xavier_uniform()

@@ -5,6 +5,8 @@
 (after position encoding), `block_{i}` (each block's output tokens), `encoded` (after the
 final norm, token models) and `pre_logits`. With `capture_attention=True` every block
 sows `attention_weights` [batch, heads, queries, keys] into `intermediates`.
+`attention_init` sets query/key (and for mimetic value/output) kernels at init time:
+see `structured_init.py`; `convstem_jax.diagnostics` scores the resulting maps.
 
 Parameter names (stable, checkpoints depend on them):
   stem/{conv_i, norm_i, embedding}  cls  pos_embedding
@@ -24,6 +26,7 @@ import numpy as np
 
 from convstem_jax.models import init as inits
 from convstem_jax.models import stems
+from convstem_jax.models import structured_init
 
 POOLS = ("token", "gap")
 POSEMBS = ("learn", "sincos2d", "none")
@@ -74,13 +77,19 @@ class Attention(nn.Module):
   capture: bool = False
   qkv_bias: bool = True
   dtype: Any = jnp.float32
+  attention_init: str = "default"
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, shared_qk=None):
     b, t, d = x.shape
     h = self.num_heads
+    parts = None  # structured kernels, only computed while initialising
+    if self.attention_init != "default" and self.is_initializing():
+      parts = structured_init.layer_kernels(self.attention_init, self.make_rng("params"),
+                                            d, h, shared_qk)
     qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype,
-                   kernel_init=inits.qkv_kernel_init(self.init_style), name="qkv")(x)
+                   kernel_init=structured_init.qkv_kernel_init(
+                       inits.qkv_kernel_init(self.init_style), parts), name="qkv")(x)
     q, k, v = (qkv.reshape(b, t, 3, h, d // h)[:, :, i] for i in range(3))
     if self.capture or (train and self.dropout > 0):
       # Explicit path: the weights are needed (sown) or dropped out.
@@ -91,8 +100,8 @@ class Attention(nn.Module):
       y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     else:
       y = attention(q, k, v, self.impl)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=inits.attn_out_init(self.init_style),
-                    name="out")(y.reshape(b, t, d))
+    out_init = structured_init.out_kernel_init(inits.attn_out_init(self.init_style), parts)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=out_init, name="out")(y.reshape(b, t, d))
 
 
 class Mlp(nn.Module):
@@ -130,9 +139,10 @@ class Block(nn.Module):
   capture_attention: bool = False
   qkv_bias: bool = True
   dtype: Any = jnp.float32
+  attention_init: str = "default"
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, shared_qk=None):
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
@@ -142,7 +152,8 @@ class Block(nn.Module):
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x)
     y = Attention(self.num_heads, self.init_style, self.attention_impl,
                   self.attention_dropout, self.capture_attention, self.qkv_bias,
-                  self.dtype, name="attn")(y, train)
+                  self.dtype, attention_init=self.attention_init, name="attn")(
+                      y, train, shared_qk)
     x = residual(x, y)
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, self.init_style, self.dropout, self.dtype, name="mlp")(y, train)
@@ -171,7 +182,7 @@ class ViT(nn.Module):
   dtype: str = "float32"          # compute dtype; parameters are always float32
   attention_impl: str = "xla"     # 'xla' | 'cudnn' (falls back to XLA) | 'auto'
   init_style: str = "jax"         # 'jax' | 'pycls' (see models/init.py)
-  attention_init: str = "default"
+  attention_init: str = "default"  # see structured_init.py; impulse* need pool='gap'
   bn_group_size: int = 0          # BatchNorm examples per statistics group; 0 = all
   capture_attention: bool = False
 
@@ -194,6 +205,24 @@ class ViT(nn.Module):
       if not ok:
         raise ValueError(msg + ".")
     inits.check_style(self.init_style)
+    self._check_attention_init()
+
+  def _check_attention_init(self) -> None:
+    """Impulse inits fit maps over the token grid through the position encoding."""
+    kind = self.attention_init
+    if not structured_init.is_impulse(kind):
+      return
+    if self.pool == "token":
+      # The target maps are over patch tokens; a class token has no place in them.
+      raise ValueError(f"attention_init '{kind}' needs a model without a class token; "
+                       "set pool='gap'.")
+    if self.posemb == "none":
+      raise ValueError(f"attention_init '{kind}' builds its maps from the position "
+                       "encoding; set posemb='sincos2d' or 'learn'.")
+    f, g = structured_init.window(kind), self.grid
+    if g < f:
+      raise ValueError(f"attention_init '{kind}' needs a token grid of at least {f}x{f}, "
+                       f"got {g}x{g}; use a larger image, a smaller patch, or impulse3.")
 
   def stem_spec(self) -> stems.StemSpec:
     spec = stems.resolve_stem(self.stem, width=self.width, patch=self.patch_size)
@@ -225,22 +254,34 @@ class ViT(nn.Module):
       cls = self.param("cls", inits.zeros, (1, 1, d), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, d)), x], axis=1)
     # Class token first, then the position embedding over all tokens (pycls / timm).
+    pe = None
     if self.posemb == "learn":
-      x = x + self.param("pos_embedding", inits.posemb_init(self.init_style),
-                         (1, x.shape[1], d), jnp.float32).astype(dtype)
+      pe = self.param("pos_embedding", inits.posemb_init(self.init_style),
+                      (1, x.shape[1], d), jnp.float32)[0]
     elif self.posemb == "sincos2d":
       pe = jnp.asarray(sincos2d(gh, d))
       if self.pool == "token":  # the class token gets no position
         pe = jnp.concatenate([jnp.zeros((1, d)), pe])
+    if pe is not None:
       x = x + pe[None].astype(dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     out["tokens"] = x
+
+    # Impulse inits: one query/key solution for every block (papers.md section 3, step
+    # 6), fitted to what block 0 sees on a blank image: LayerNorm(position encoding).
+    # A learned encoding contributes its initial value (as [SIV] does).
+    shared_qk = None
+    if (structured_init.is_impulse(self.attention_init) and self.depth
+        and self.is_initializing()):
+      shared_qk = structured_init.impulse_qk(self.attention_init, self.make_rng("params"),
+                                             pe, self.num_heads, LN_EPS)
 
     rates = np.linspace(0, self.drop_path, self.depth) if self.depth else []
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_dim, self.init_style, self.attention_impl, self.dropout,
                 self.attention_dropout, float(rates[i]), self.capture_attention,
-                self.qkv_bias, dtype, name=f"block_{i}")(x, train)
+                self.qkv_bias, dtype, attention_init=self.attention_init,
+                name=f"block_{i}")(x, train, shared_qk)
       out[f"block_{i}"] = x
 
     norm = nn.LayerNorm(LN_EPS, dtype=dtype, name="encoder_norm")
