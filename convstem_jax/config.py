@@ -41,6 +41,12 @@ def base_config():
   c.eval_splits = ("validation",)
   c.num_classes = 1000
   c.image_size = 224
+  c.pp_train = ""                 # preprocessing ops "decode|inception_crop(224)|..."
+  c.pp_eval = ""                  # ('' = the defaults of convstem_jax/data/files.py)
+  c.data_threads = 0              # tf.data private threads (0 = TensorFlow's choice)
+  c.shuffle_buffer = 50_000       # tfds shuffle buffer
+  c.folder_test_fraction = 0.2    # dataset='folder' with a single tree: test share
+  c.folder_split_seed = 0
   c.batch_size = 1024             # global, over all hosts and devices
   c.eval_batch_size = 1024
   # Duration and cadence (steps win over epochs; 0 = unset / never).

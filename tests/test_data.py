@@ -312,6 +312,14 @@ def test_tfds_mock_through_the_pipeline(name, size, tmp_path):
     assert ev[0]["image"].shape == (4, size, size, 3)
 
 
+def test_tfds_reads_this_process_even_split(tmp_path, monkeypatch):
+  fake_processes(monkeypatch, 2, 1)
+  c = make_config(dataset="cifar10", num_classes=10, data_dir=str(tmp_path))
+  with tfds.testing.mock_data(num_examples=4):
+    src = data_lib.get_source(c, "train")
+  assert src.local_split == tfds.even_splits("train", n=2)[1]
+
+
 def test_tfds_prefix_and_unknown_names(tmp_path):
   with tfds.testing.mock_data(num_examples=4):
     c = make_config(dataset="tfds:cifar100", image_size=8, num_classes=100,
@@ -346,13 +354,31 @@ def test_importing_data_does_not_import_tensorflow():
 
 
 def test_elpv_config_runlocal_trains(tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
   from convstem_jax import train  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      "elpv_config", os.path.join(os.path.dirname(__file__), "..", "configs", "elpv.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
+  c = load_config_module("elpv").get_config("runlocal")
   c.total_steps, c.checkpoint_every_steps = 3, 0
   results = train.train_and_evaluate(c, str(tmp_path))
   assert results["test/count"] == 654
+
+
+def load_config_module(name):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      f"{name}_config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                     f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("size,grid", [(28, 7), (32, 8), (64, 8)])
+def test_folder_config_reads_classes_and_builds_a_small_grid_model(tmp_path, size, grid):
+  from convstem_jax.models import model_from_config  # pylint: disable=g-import-not-at-top
+  write_folder(tmp_path / "all")
+  c = load_config_module("folder").get_config(f"data_dir={tmp_path / 'all'},"
+                                              f"image_size={size}")
+  assert c.num_classes == 3 and c.dataset == "folder"
+  model = model_from_config(c)
+  assert model.stem_spec().grid(size) == grid
+  b = next(data_lib.get_source(c, "train").train_batches(4))
+  assert b["image"].shape == (4, size, size, 3)

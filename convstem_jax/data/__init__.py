@@ -20,6 +20,15 @@
 Preprocessing comes from `config.pp_train` / `config.pp_eval` (pp.py); when unset, an
 inception crop + flip for training and resize + central crop for eval, to [-1, 1].
 
+Config fields read here, each optional (default): pp_train, pp_eval (above); data_dir
+(tfds: $TFDS_DATA_DIR or tfds' default; folder: the root; elpv: the installed package);
+data_threads (tf.data private thread pool, 0 = TensorFlow's choice); shuffle_buffer (tfds,
+50,000); folder_test_fraction (0.2) and folder_split_seed (0) for single-tree folders.
+
+Train streams are resumable: file sources (elpv, folder) compute each step's batch from
+(config.seed, process, step), so a resumed run sees exactly the batches it would have
+seen; tfds streams restart with a seed that includes the resume step (tfds_source.py).
+
 TensorFlow (tf.data / tfds sources) is imported inside the sources that need it, never
 by `import convstem_jax.data`, the models, the train step or the benchmark.
 """

@@ -7,7 +7,8 @@ the defect probability: p in {0, 1/3, 2/3, 1} -> class round(3 p). Images are gr
 
 Split: a fixed stratified split, 25% test, stratified by (class, cell type mono/poly),
 drawn with numpy seed `SPLIT_SEED` = 0 whatever `config.seed` is, so every run and every
-seed is scored on the same 654 test images (1,970 train; 25% of each stratum, rounded). Splits: 'train', 'test'.
+seed is scored on the same 654 test images (1,970 train; 25% of each stratum, rounded).
+Splits: 'train', 'test'.
 """
 
 from __future__ import annotations

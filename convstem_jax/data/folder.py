@@ -11,12 +11,13 @@ Classes are the sorted subfolder names of the train tree (label = position). Spl
 Files are images by extension (jpg, jpeg, png, gif, bmp, webp, tif, tiff, ppm, pgm);
 anything else (notes, .DS_Store, csv) is ignored. Every image is opened once when the
 source is built; unreadable or corrupt ones are skipped, and their count and first few
-names are logged in one warning.
+names are logged in one warning (each tree is scanned once per process).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 
@@ -53,6 +54,13 @@ def list_class_tree(root: str) -> tuple[list[str], list[str], list[int]]:
           paths.append(os.path.join(dirpath, f))
           labels.append(label)
   return classes, paths, labels
+
+
+@functools.lru_cache(maxsize=8)
+def scan(tree: str):
+  """(classes, readable paths, labels) of one tree, checked once per process."""
+  classes, paths, labels = list_class_tree(tree)
+  return (classes, *drop_unreadable(paths, labels, tree))
 
 
 def drop_unreadable(paths, labels, where: str):
@@ -95,7 +103,7 @@ class FolderSource(FileSource):
     if split_dirs:
       train_classes = list_class_tree(os.path.join(root, "train"))[0]
       tree = os.path.join(root, "train" if want == "train" else held_out)
-      classes, paths, labels = list_class_tree(tree)
+      classes, paths, labels = scan(tree)
       unknown = set(classes) - set(train_classes)
       if unknown:
         raise ValueError(f"Image folder {tree} has classes not in the train folder: "
@@ -106,7 +114,7 @@ class FolderSource(FileSource):
     else:  # one tree (root/train alone counts as one tree too)
       tree = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) \
           else root
-      classes, paths, labels = list_class_tree(tree)
+      classes, paths, labels = scan(tree)
     if not paths:
       raise FileNotFoundError(f"Image folder '{tree}' holds no images; lay it out as "
                               f"{LAYOUT}.")
@@ -114,7 +122,6 @@ class FolderSource(FileSource):
       raise ValueError(f"Image folder {root} has {len(classes)} classes but "
                        f"config.num_classes is {config.num_classes}; set it to "
                        f"{len(classes)}.")
-    paths, labels = drop_unreadable(paths, labels, tree)
     if not split_dirs:
       index = stratified_split(labels, float(config.get("folder_test_fraction", 0.2)),
                                int(config.get("folder_split_seed", 0)))[want]

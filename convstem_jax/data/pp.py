@@ -118,6 +118,8 @@ def _tf_decodable(data):
 def _pil_decode(data: bytes, channels: int) -> np.ndarray:
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  if isinstance(data, np.ndarray):  # numpy_function hands a 0-d object array
+    data = data.item()
   with Image.open(io.BytesIO(data)) as im:
     im = im.convert("L" if channels == 1 else "RGB")
     arr = np.asarray(im, np.uint8)

@@ -80,7 +80,6 @@ class TfdsSource:
       pass
     # No split metadata (e.g. under tfds.testing.mock_data): count this slice's records
     # and assume equal slices, which holds for even_splits up to one example.
-    tf = import_tf()
     ds = self._dataset(shuffle=False)
     n = int(ds.cardinality())
     if n < 0:
