@@ -23,18 +23,13 @@ def _plain(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def hide_accelerators_from_tensorflow() -> None:
-  """TF (summaries, tf.data) must never take GPU memory that JAX needs."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-
-
 class MetricsWriter:
   """One `write(step, scalars)` per logged step -> TensorBoard + one jsonl line."""
 
   def __init__(self, workdir: str):
-    from clu import metric_writers  # pulls in TensorFlow; see module docstring
-    hide_accelerators_from_tensorflow()
+    from convstem_jax.data.files import import_tf  # pylint: disable=g-import-not-at-top
+    import_tf()  # before clu's writers load TensorFlow: keep it off the accelerators
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.is_main = jax.process_index() == 0
     self.tb = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_main, asynchronous=True)

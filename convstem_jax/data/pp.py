@@ -221,22 +221,22 @@ def inception_crop(size, area_min: float = 0.08, area_max: float = 1.0,
   return op
 
 
-@register("flip_lr")
-def flip_lr(prob: float = 0.5) -> Op:
+def _random_flip(axis: int, prob: float) -> Op:
   def op(f, seed):
     flip = tf.random.stateless_uniform([], seed) < prob
-    f["image"] = tf.cond(flip, lambda: tf.reverse(f["image"], [1]), lambda: f["image"])
+    f["image"] = tf.cond(flip, lambda: tf.reverse(f["image"], [axis]), lambda: f["image"])
     return f
   return op
+
+
+@register("flip_lr")
+def flip_lr(prob: float = 0.5) -> Op:
+  return _random_flip(1, prob)
 
 
 @register("flip_ud")
 def flip_ud(prob: float = 0.5) -> Op:
-  def op(f, seed):
-    flip = tf.random.stateless_uniform([], seed) < prob
-    f["image"] = tf.cond(flip, lambda: tf.reverse(f["image"], [0]), lambda: f["image"])
-    return f
-  return op
+  return _random_flip(0, prob)
 
 
 @register("resize")
