@@ -1,9 +1,8 @@
 """Numerical parity with timm: timm weights -> `convert.timm_to_flax` -> same outputs.
 
-Needs PyTorch and timm (installed without dependencies; the `parity` extra brings the
-rest). Where torchvision cannot be imported (it has no CPU build on some registries), the
-stand-in under tests/stubs supplies the names timm's import touches; it is never used for
-computation.
+Needs PyTorch and timm (`pip install -e ".[parity]"`). Where torchvision cannot be
+imported (some registries have no working CPU build), the stand-in under tests/stubs
+supplies the names timm's import touches; it is never used for computation.
 """
 
 import functools
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip(
-    "torch", reason="parity tests need PyTorch (CPU is enough): pip install torch==2.13.0")
+    "torch", reason='parity tests need PyTorch (CPU is enough): pip install -e ".[parity]"')
 
 STUBS = Path(__file__).parent / "stubs"
 
@@ -37,7 +36,7 @@ def _ensure_importable(name: str) -> None:
   spec.loader.exec_module(module)
 
 
-_TIMM_REASON = "parity tests need timm: pip install --no-deps timm==1.0.31"
+_TIMM_REASON = 'parity tests need timm: pip install -e ".[parity]"'
 if importlib.util.find_spec("timm") is None:
   pytest.importorskip("timm", reason=_TIMM_REASON)  # skips: timm is not installed
 # timm is installed: from here on an import error is a real failure, not a skip.
