@@ -47,6 +47,8 @@ def base_config():
   c.shuffle_buffer = 50_000       # tfds shuffle buffer
   c.folder_test_fraction = 0.2    # dataset='folder' with a single tree: test share
   c.folder_split_seed = 0
+  c.repeated_aug = 1              # DeiT repeated augmentation: each image r times per
+                                  # epoch, differently augmented (1 = off; elpv/folder)
   c.batch_size = 1024             # global, over all hosts and devices
   c.eval_batch_size = 1024
   # Duration and cadence (steps win over epochs; 0 = unset / never).
@@ -72,6 +74,13 @@ def base_config():
   c.grad_clip_norm = 0.0
   c.grad_accum_steps = 1          # micro-batches per step (same global batch)
   c.label_smoothing = 0.1
+  # Mixup / CutMix, on device in the train step (convstem_jax/data/mixup.py, timm's
+  # Mixup(mode='batch')): one draw per global batch, mixed with the reversed batch.
+  # Both 0 = off. DeiT and the conv-stem paper: mixup 0.8, CutMix 1.0, switch 0.5.
+  c.mixup_alpha = 0.0             # Beta(a, a) for mixup's lam (0 = no mixup)
+  c.cutmix_alpha = 0.0            # Beta(a, a) for CutMix's lam (0 = no CutMix)
+  c.mixup_switch_prob = 0.5       # both on: chance a batch uses CutMix instead of mixup
+  c.mixup_prob = 1.0              # chance a batch is mixed at all
   c.ema_decay = 0.0               # 0 = no EMA weights
   c.precise_bn_images = 0         # recompute BN statistics on N train images before eval
   # Where it runs.

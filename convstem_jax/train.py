@@ -29,6 +29,7 @@ from convstem_jax import evaluate as eval_lib
 from convstem_jax import metrics as metrics_lib
 from convstem_jax import optim
 from convstem_jax import sharding as shd
+from convstem_jax.data import mixup as mixup_lib
 from convstem_jax.models import model_from_config
 
 
@@ -123,14 +124,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f"{config.batch_size} do not split evenly over {jax.device_count()} "
                      "devices; make batch_size a multiple of grad_accum_steps x devices.")
   smoothing = config.get("label_smoothing", 0.0)
+  use_mixing = mixup_lib.enabled(config)  # mixup / CutMix inside the step (data/mixup.py)
 
   def loss_fn(params, batch_stats, batch, rng):
     (logits, _), new_vars = model.apply(
         {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
-    targets = batch["labels"] if "labels" in batch else jax.nn.one_hot(
-        batch["label"], logits.shape[-1])
-    loss = optim.softmax_cross_entropy(logits, optim.smooth_labels(targets, smoothing))
+    if "targets" in batch:  # mixup / CutMix: mixed soft targets, smoothing already in
+      targets = batch["targets"]
+    else:
+      targets = optim.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]),
+                                    smoothing)
+    loss = optim.softmax_cross_entropy(logits, targets)
+    # Against the argmax of the targets: the label itself, or under mixup / CutMix the
+    # dominant one (the larger of lam and 1 - lam), so train/accuracy stays comparable
+    # across steps but reads lower than an unmixed accuracy.
     correct = jnp.argmax(logits, -1) == jnp.argmax(targets, -1)
     return loss.mean(), (new_vars.get("batch_stats", {}), correct.mean())
 
@@ -138,6 +146,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
+    mix_metrics = {}
+    if use_mixing:  # on the whole global batch, before any micro-batch split
+      rng, mix_rng = jax.random.split(rng)
+      one_hot = jax.nn.one_hot(batch["label"], model.num_classes)
+      images, targets, info = mixup_lib.mix_from_config(config, mix_rng, batch["image"],
+                                                        one_hot)
+      batch = {**batch, "image": images, "targets": targets}
+      mix_metrics = {"train/mix_lam": info["lam"],
+                     "train/cutmix": info["cutmix"].astype(jnp.float32)}
     if accum == 1:
       (loss, (batch_stats, acc)), grads = grad_fn(state.params, state.batch_stats, batch,
                                                   rng)
@@ -169,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics = {"train/loss": loss, "train/accuracy": acc,
                "train/grad_norm": optax.tree.norm(grads),
                "train/param_norm": optax.tree.norm(params),
-               "train/lr": schedule(state.step)}
+               "train/lr": schedule(state.step), **mix_metrics}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, ema=ema)
     return new_state, metrics

@@ -4,7 +4,9 @@ Train stream (per process): this process's slice of the files (every count-th on
 fresh permutation each epoch (shuffle before repeat), seeded by (config.seed, process,
 epoch); augmentation seeded by (config.seed, process, position in the stream). Position
 and epoch follow from the step, so `train_batches(b, start_step=s)` skips straight to
-batch s without reading the earlier ones: a resumed run sees exactly the batches the
+batch s without reading the earlier ones (with `config.repeated_aug` = r > 1, DeiT's
+repeated augmentation, an epoch is ceil(n / r) examples each r times in a row, with
+different augmentations; the epoch length stays n): a resumed run sees exactly the batches the
 uninterrupted run would have seen (for the same process count and batch size).
 """
 
@@ -85,9 +87,13 @@ class FileSource:
     start = int(start_step) * local_batch_size
     first_epoch, offset = divmod(start, n)
 
+    repeats = max(1, int(self.config.get("repeated_aug", 1)))
+
     def epoch(e):
       perm = tf.random.experimental.stateless_shuffle(
           tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(order_seed, tf.int64), e]))
+      if repeats > 1:  # DeiT's repeated augmentation: ceil(n / r) examples, r times each
+        perm = tf.reshape(tf.tile(perm[:-(-n // repeats), None], [1, repeats]), [-1])[:n]
       return tf.data.Dataset.from_tensor_slices(perm)
 
     index = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)

@@ -27,6 +27,17 @@ Ops:
   value_range(vmin=-1, vmax=1)  [0, 255] -> [vmin, vmax]
   normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)   means/stds in [0, 1] units
   gray_to_rgb                   1 channel -> 3 (decode already does it)
+  randaug(num_ops=2, magnitude=9, mstd=0.5, prob=0.5)
+                                timm's rand-m9-mstd0.5-inc1 (randaug.py); [0, 255] in,
+                                uint8 out: after the crop, before normalize
+  pca_lighting(alpha_std=0.1, scale=255)
+                                AlexNet / pycls PCA colour noise; scale = the input's
+                                pixel scale (255 before normalize, 1 for [0, 1] images)
+  random_erasing(prob=0.25, area_min=0.02, area_max=1/3, ratio_min=0.3, mode='pixel')
+                                timm / DeiT random erasing, AFTER normalize (float input)
+
+Mixup / CutMix are not pp ops: they mix across the batch on device, in the train step
+(mixup.py; config.mixup_alpha, config.cutmix_alpha).
 """
 
 from __future__ import annotations
@@ -304,5 +315,124 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Op:
   def op(f, seed):
     del seed
     f["image"] = (tf.cast(f["image"], tf.float32) / 255.0 - mean) / std
+    return f
+  return op
+
+
+# ------------------------------------------------------------------ augmentation
+
+# ImageNet RGB PCA of pixels in [0, 1] (AlexNet; fb.resnet.torch, pycls, timm): eigenvalues
+# and eigenvectors (columns).
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
+
+
+@register("pca_lighting")
+def pca_lighting(alpha_std: float = 0.1, scale: float = 255.0,
+                 eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC) -> Op:
+  """AlexNet-style PCA colour noise, pycls' `lighting` (the conv-stem recipe's 0.1).
+
+  alpha ~ N(0, alpha_std^2) per eigenvector; each pixel gets + V (alpha * eigval), the
+  same RGB offset everywhere. The eigenvalues are for pixels in [0, 1]; `scale` is the
+  pixel scale of the input: 255 (default) for uint8 or [0, 255] floats, i.e. before
+  `normalize` / `value_range`, or 1 for images already in [0, 1]. Output float32,
+  not clipped (as pycls).
+  """
+  eigval = tf.constant(eigval, tf.float32)
+  eigvec = tf.constant(eigvec, tf.float32)
+
+  def op(f, seed):
+    alpha = tf.random.stateless_normal([3], seed, stddev=alpha_std)
+    rgb = tf.linalg.matvec(eigvec, alpha * eigval) * scale
+    f["image"] = tf.cast(f["image"], tf.float32) + rgb
+    return f
+  return op
+
+
+def erase_box(shape, seed, area_min, area_max, log_ratio, attempts: int = 10):
+  """timm's box search: up to `attempts` (area, aspect) draws, the first that fits.
+
+  Returns (top, left, h, w) int32; h = w = 0 when no draw fits (nothing erased).
+  """
+  height, width = shape[0], shape[1]
+  hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  s = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(4)]
+  area = tf.random.stateless_uniform([attempts], s[0], area_min, area_max) * hf * wf
+  ratio = tf.exp(tf.random.stateless_uniform([attempts], s[1], log_ratio[0], log_ratio[1]))
+  h = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+  w = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+  fits = (w < width) & (h < height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  ok = tf.reduce_any(fits)
+  h = tf.where(ok, h[first], 0)
+  w = tf.where(ok, w[first], 0)
+  u = tf.random.stateless_uniform([2], s[2])
+  top = tf.minimum(tf.cast(u[0] * tf.cast(height - h + 1, tf.float32), tf.int32), height - h)
+  left = tf.minimum(tf.cast(u[1] * tf.cast(width - w + 1, tf.float32), tf.int32), width - w)
+  return top, left, h, w
+
+
+@register("random_erasing")
+def random_erasing(prob: float = 0.25, area_min: float = 0.02, area_max: float = 1 / 3,
+                   ratio_min: float = 0.3, ratio_max: float | None = None,
+                   mode: str = "pixel") -> Op:
+  """timm's RandomErasing (DeiT: prob 0.25, mode 'pixel', one box), on a float image
+  AFTER `normalize`: with probability `prob`, one box of area_min..area_max of the image
+  and aspect ratio_min..ratio_max (log-uniform; max defaults to 1 / min) is replaced by
+  N(0, 1) noise per pixel ('pixel'), per channel ('rand') or zeros ('const').
+  """
+  if mode not in ("pixel", "rand", "const"):
+    raise ValueError(f"random_erasing: mode must be 'pixel', 'rand' or 'const', not {mode!r}.")
+  ratio_max = ratio_max or 1 / ratio_min
+  log_ratio = (float(np.log(ratio_min)), float(np.log(ratio_max)))
+
+  def op(f, seed):
+    image = f["image"]
+    if image.dtype == tf.uint8:
+      raise ValueError("random_erasing works on normalised float images: put it after "
+                       "'normalize' (or 'value_range').")
+    image = tf.cast(image, tf.float32)
+    s_apply, s_box, s_noise = (tf.random.experimental.stateless_fold_in(seed, i)
+                               for i in range(3))
+    shape = tf.shape(image)
+    top, left, h, w = erase_box(shape, s_box, area_min, area_max, log_ratio)
+    h = tf.where(tf.random.stateless_uniform([], s_apply) < prob, h, 0)
+
+    def erase():
+      # Noise for the box only, padded into place (cheaper than a full-image draw).
+      if mode == "pixel":
+        noise = tf.random.stateless_normal(tf.stack([h, w, shape[2]]), s_noise)
+      elif mode == "rand":
+        noise = (tf.random.stateless_normal([1, 1, shape[2]], s_noise) +
+                 tf.zeros(tf.stack([h, w, shape[2]])))
+      else:
+        noise = tf.zeros(tf.stack([h, w, shape[2]]))
+      pad = [[top, shape[0] - top - h], [left, shape[1] - left - w], [0, 0]]
+      inside = tf.pad(tf.ones(tf.stack([h, w, 1]), tf.bool), pad)
+      return tf.where(inside, tf.pad(noise, pad), image)
+
+    out = tf.cond(h > 0, erase, lambda: image)
+    out.set_shape(image.shape)
+    f["image"] = out
+    return f
+  return op
+
+
+@register("randaug")
+def randaug(num_ops: int = 2, magnitude: float = 9, mstd: float = 0.5,
+            prob: float = 0.5) -> Op:
+  """RandAugment as timm's 'rand-m9-mstd0.5-inc1' (data/randaug.py): `num_ops` ops of
+  the 15 increasing-severity ones, each applied with probability `prob` (timm's 0.5) at
+  magnitude N(magnitude, mstd^2) clipped to [0, 10]. On [0, 255] images (after the
+  crop, before `normalize`); returns uint8."""
+  from convstem_jax.data import randaug as ra  # pylint: disable=g-import-not-at-top
+
+  def op(f, seed):
+    image = f["image"]
+    if image.shape[-1] == 1:
+      image = tf.tile(image, [1, 1, 3])
+    f["image"] = ra.randaugment(image, seed, num_ops, magnitude, mstd, prob)
     return f
   return op

@@ -1,0 +1,251 @@
+"""RandAugment with timm's `rand-m9-mstd0.5-inc1` meaning, in TensorFlow (for pp.py).
+
+timm (timm/data/auto_augment.py, `rand_augment_transform`), as DeiT uses it:
+  - `num_ops` (n, 2) ops per image, each drawn uniformly WITH replacement from the 15
+    'increasing' ops below ('inc1': every op gets stronger as the magnitude grows);
+  - each drawn op is applied with probability `prob` (timm's default p = 0.5);
+  - each application draws its magnitude m ~ N(magnitude, mstd^2), clipped to [0, 10]
+    ('m9-mstd0.5'), and level = m / 10; signed ops flip the sign with probability 1/2.
+
+The op set and argument ranges (level in [0, 1]):
+  AutoContrast                     per channel, min..max -> 0..255
+  Equalize                         per-channel histogram equalisation (PIL's)
+  Invert                           255 - x
+  Rotate                           +-30 level degrees about the centre
+  PosterizeIncreasing              keep 4 - int(4 level) high bits
+  SolarizeIncreasing               invert pixels >= 256 - int(256 level)
+  SolarizeAdd                      + int(110 level) to pixels < 128 (clipped at 255)
+  Color/Contrast/Brightness/SharpnessIncreasing
+                                   PIL ImageEnhance with factor max(0.1, 1 +- 0.9 level)
+  ShearX, ShearY                   +-0.3 level
+  TranslateXRel, TranslateYRel     +-0.45 level of the width / height
+Geometric ops fill with the ImageNet mean colour (124, 116, 104), as timm's
+create_transform sets `img_mean`; they interpolate bilinearly (timm picks bilinear or
+bicubic in PIL; TensorFlow's projective transform has no bicubic). Each op rounds and
+clips to uint8 values, as PIL does between ops.
+
+Input: an image with values in [0, 255] (uint8, or float); output uint8. This is an
+independent TensorFlow implementation, not a port of timm's PIL code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+FILL = (124.0, 116.0, 104.0)  # round(255 * IMAGENET_MEAN)
+
+OP_NAMES = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+    "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+    "TranslateYRel")
+
+
+def _u8(x):
+  """Round and clip to uint8 values, kept as float32."""
+  return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+
+
+def _blend(degenerate, image, factor):
+  """PIL Image.blend(degenerate, image, factor): truncates towards zero, then clips."""
+  out = degenerate + factor * (image - degenerate)
+  return tf.clip_by_value(tf.where(out < 0, tf.math.ceil(out), tf.floor(out)), 0.0, 255.0)
+
+
+def _gray(image):
+  """PIL's RGB -> L (ITU-R 601-2 luma), [h, w, 1]."""
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]
+  return tf.round(r * 0.299 + g * 0.587 + b * 0.114)[..., None]
+
+
+# ------------------------------------------------------------------ pixel ops
+
+def auto_contrast(image):
+  lo = tf.reduce_min(image, axis=[0, 1])
+  hi = tf.reduce_max(image, axis=[0, 1])
+  scale = 255.0 / tf.maximum(hi - lo, 1.0)
+  out = tf.clip_by_value(tf.floor((image - lo) * scale), 0.0, 255.0)
+  return tf.where(hi > lo, out, image)
+
+
+def _equalize_channel(channel):
+  """PIL ImageOps.equalize on one [h, w] channel of uint8 values."""
+  values = tf.cast(channel, tf.int32)
+  hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256,
+                          dtype=tf.int32)
+  nonzero = tf.boolean_mask(hist, hist > 0)
+  last = nonzero[-1]
+  step = (tf.reduce_sum(nonzero) - last) // 255
+
+  def equalized():
+    # lut[i] = (step // 2 + sum(hist[:i])) // step
+    before = tf.concat([[0], tf.cumsum(hist)[:-1]], 0)
+    lut = tf.minimum((step // 2 + before) // step, 255)
+    return tf.cast(tf.gather(lut, values), tf.float32)
+
+  return tf.cond(step > 0, equalized, lambda: channel)
+
+
+def equalize(image):
+  return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
+
+
+def invert(image):
+  return 255.0 - image
+
+
+def posterize(image, bits):
+  """Keep the `bits` high bits (bits in 0..8)."""
+  shift = tf.cast(8 - bits, tf.int32)
+  values = tf.cast(image, tf.int32)
+  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(values, shift), shift),
+                 tf.float32)
+
+
+def solarize(image, threshold):
+  return tf.where(image >= threshold, 255.0 - image, image)
+
+
+def solarize_add(image, add, threshold=128.0):
+  return tf.where(image < threshold, tf.minimum(image + add, 255.0), image)
+
+
+def color(image, factor):
+  return _blend(tf.tile(_gray(image), [1, 1, 3]), image, factor)
+
+
+def contrast(image, factor):
+  mean = tf.floor(tf.reduce_mean(_gray(image)) + 0.5)
+  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+
+
+def brightness(image, factor):
+  return _blend(tf.zeros_like(image), image, factor)
+
+
+def sharpness(image, factor):
+  """PIL: blend with the SMOOTH-filtered image ([[1,1,1],[1,5,1],[1,1,1]] / 13), whose
+  one-pixel border is the original."""
+  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  smooth = _u8(tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0])
+  smooth = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  inner = tf.pad(tf.ones([h - 2, w - 2, 1], tf.bool), [[1, 1], [1, 1], [0, 0]])
+  degenerate = tf.where(inner, smooth, image)
+  return _blend(degenerate, image, factor)
+
+
+# ------------------------------------------------------------------ geometric ops
+
+def affine(image, matrix, fill=FILL):
+  """Output pixel (x, y) samples input (a x + b y + c, d x + e y + f) (PIL's convention),
+  bilinear, points outside filled with `fill`."""
+  a, b, c, d, e, f = (tf.cast(v, tf.float32) for v in matrix)
+  # PIL maps pixel centres (x + 1/2, y + 1/2); TensorFlow maps pixel indices.
+  c, f = c + 0.5 * (a + b - 1.0), f + 0.5 * (d + e - 1.0)
+  transform = tf.stack([a, b, c, d, e, f, 0.0, 0.0])[None]
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  # A ones channel tells how much of each output pixel came from inside the image.
+  stacked = tf.concat([image, tf.ones_like(image[..., :1])], -1)[None]
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=stacked, transforms=transform, output_shape=tf.stack([h, w]),
+      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+  inside = out[..., -1:]
+  return _u8(out[..., :-1] + (1.0 - inside) * tf.constant(fill, tf.float32))
+
+
+def rotate(image, degrees):
+  """Counter-clockwise about the centre (PIL's Image.rotate)."""
+  h = tf.cast(tf.shape(image)[0], tf.float32)
+  w = tf.cast(tf.shape(image)[1], tf.float32)
+  angle = -degrees * math.pi / 180.0
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  cx, cy = w / 2.0, h / 2.0
+  # input = R (output - centre) + centre
+  return affine(image, (cos, sin, cx - cos * cx - sin * cy,
+                        -sin, cos, cy + sin * cx - cos * cy))
+
+
+def shear_x(image, factor):
+  return affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0))
+
+
+def shear_y(image, factor):
+  return affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0))
+
+
+def translate_x(image, fraction):
+  pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
+  return affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
+
+
+def translate_y(image, fraction):
+  pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
+  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
+
+
+# ------------------------------------------------------------------ level -> op
+
+def _enhance(level, sign):
+  return tf.maximum(0.1, 1.0 + sign * 0.9 * level)
+
+
+def _ops():
+  """(name, fn(image, level, sign)) in OP_NAMES order; level in [0, 1], sign +-1."""
+  return (
+      ("AutoContrast", lambda x, l, s: auto_contrast(x)),
+      ("Equalize", lambda x, l, s: equalize(x)),
+      ("Invert", lambda x, l, s: invert(x)),
+      ("Rotate", lambda x, l, s: rotate(x, s * 30.0 * l)),
+      ("PosterizeIncreasing",
+       lambda x, l, s: posterize(x, 4 - tf.cast(tf.floor(l * 4.0), tf.int32))),
+      ("SolarizeIncreasing",
+       lambda x, l, s: solarize(x, 256.0 - tf.minimum(256.0, tf.floor(l * 256.0)))),
+      ("SolarizeAdd", lambda x, l, s: solarize_add(x, tf.minimum(128.0,
+                                                                tf.floor(l * 110.0)))),
+      ("ColorIncreasing", lambda x, l, s: color(x, _enhance(l, s))),
+      ("ContrastIncreasing", lambda x, l, s: contrast(x, _enhance(l, s))),
+      ("BrightnessIncreasing", lambda x, l, s: brightness(x, _enhance(l, s))),
+      ("SharpnessIncreasing", lambda x, l, s: sharpness(x, _enhance(l, s))),
+      ("ShearX", lambda x, l, s: shear_x(x, s * 0.3 * l)),
+      ("ShearY", lambda x, l, s: shear_y(x, s * 0.3 * l)),
+      ("TranslateXRel", lambda x, l, s: translate_x(x, s * 0.45 * l)),
+      ("TranslateYRel", lambda x, l, s: translate_y(x, s * 0.45 * l)),
+  )
+
+
+def apply_op(index, image, level, sign):
+  """Op number `index` of OP_NAMES (a scalar int32 tensor) on a float [0, 255] image."""
+  branches = [lambda fn=fn: fn(image, level, sign) for _, fn in _ops()]
+  out = tf.switch_case(index, branches)
+  out.set_shape(image.shape)
+  return out
+
+
+def draw(seed, num_ops: int, magnitude: float, mstd: float, prob: float):
+  """The random choices for one image: per layer (op index, apply?, level, sign)."""
+  layers = []
+  for i in range(num_ops):
+    s = [tf.random.experimental.stateless_fold_in(seed, 4 * i + j) for j in range(4)]
+    index = tf.random.stateless_uniform([], s[0], 0, len(OP_NAMES), dtype=tf.int32)
+    apply = tf.random.stateless_uniform([], s[1]) < prob
+    m = magnitude
+    if mstd > 0:
+      m = magnitude + mstd * tf.random.stateless_normal([], s[2])
+    level = tf.clip_by_value(tf.cast(m, tf.float32), 0.0, 10.0) / 10.0
+    sign = tf.where(tf.random.stateless_uniform([], s[3]) < 0.5, -1.0, 1.0)
+    layers.append((index, apply, level, sign))
+  return layers
+
+
+def randaugment(image, seed, num_ops: int = 2, magnitude: float = 9.0, mstd: float = 0.5,
+                prob: float = 0.5):
+  """RandAugment on one HWC (3-channel) image in [0, 255]; returns uint8."""
+  x = tf.cast(image, tf.float32)
+  for index, apply, level, sign in draw(seed, num_ops, magnitude, mstd, prob):
+    x = tf.cond(apply, lambda x=x, i=index, l=level, s=sign: apply_op(i, x, l, s),
+                lambda x=x: x)
+  return tf.cast(x, tf.uint8)
