@@ -48,7 +48,7 @@ def base_config():
   c.folder_test_fraction = 0.2    # dataset='folder' with a single tree: test share
   c.folder_split_seed = 0
   c.repeated_aug = 1              # DeiT repeated augmentation: each image r times per
-                                  # epoch, differently augmented (1 = off; elpv/folder)
+                                  # epoch, differently augmented (1 = off)
   c.batch_size = 1024             # global, over all hosts and devices
   c.eval_batch_size = 1024
   # Duration and cadence (steps win over epochs; 0 = unset / never).

@@ -306,3 +306,152 @@ def test_repeated_augmentation_in_file_sources(tmp_path):
     assert (epoch.reshape(4, 3) == epoch.reshape(4, 3)[:, :1]).all()  # 3 copies in a row
     assert len(set(epoch)) == 4
   assert set(ids[:n]) != set(ids[n:])                    # another subset next epoch
+
+
+# ------------------------------------------------------------------ AutoAugment
+
+def _timm_auto_augment():
+  """timm's auto_augment.py as a standalone module (it needs only PIL, not torch), with
+  its `random` replaced so every step applies and signed arguments stay positive."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("timm")
+  if spec is None or not spec.origin:
+    pytest.skip("timm is not installed")
+  path = os.path.join(os.path.dirname(spec.origin), "data", "auto_augment.py")
+  module_spec = importlib.util.spec_from_file_location("_timm_auto_augment", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  module.random = types.SimpleNamespace(random=lambda: 0.0, gauss=lambda m, s: m,
+                                        uniform=lambda a, b: b, choice=lambda s: s[0])
+  return module
+
+
+def test_autoaug_deterministic_shapes_and_range():
+  img = np.random.default_rng(0).integers(0, 256, (24, 20, 3)).astype(np.uint8)
+  a = _run_both("autoaug", img, seed=(4, 5))            # eager == tf.data
+  assert a.shape == (24, 20, 3) and a.dtype == np.float32
+  assert a.min() >= 0 and a.max() <= 1 and np.allclose(a * 255, np.round(a * 255),
+                                                       atol=1e-3)
+  outs = _many("autoaug", img, [(4, 5)] + [(4, s) for s in range(12)])
+  np.testing.assert_array_equal(outs[0], a)             # the same per seed
+  assert len({o.tobytes() for o in outs[1:]}) >= 6      # different across seeds
+  assert _run_both("autoaug", img[..., :1], seed=(1, 1)).shape == (24, 20, 3)
+  assert _many("autoaug(mstd=0.5)", img, [(4, 5)]).shape == (1, 24, 20, 3)
+
+
+def test_autoaug_draws_the_policy_distribution():
+  from convstem_jax.data import autoaug as aa  # pylint: disable=g-import-not-at-top
+  tf = _tf()
+  n = 6000
+  ds = tf.data.Dataset.range(n).map(
+      lambda s: aa.draw(tf.stack([tf.constant(11, tf.int64), s])))
+  index, apply, level, sign = (np.stack(v) for v in zip(*ds.as_numpy_iterator()))
+  k = len(aa.POLICY)
+  counts = np.bincount(index, minlength=k)
+  assert counts.size == k and (counts > 0).all()        # every sub-policy reachable
+  assert np.abs(counts - n / k).max() < 5 * np.sqrt(n / k)   # uniform
+  probs = np.array([[p for _, p, _ in sub] for sub in aa.POLICY])
+  mags = np.array([[m for _, _, m in sub] for sub in aa.POLICY], np.float64)
+  rate = np.stack([apply[index == i].mean(0) for i in range(k)])
+  assert (rate[probs == 0.0] == 0).all() and (rate[probs == 1.0] == 1).all()
+  sigma = np.sqrt(probs * (1 - probs) / counts[:, None])
+  assert (np.abs(rate - probs) <= 4 * sigma + 1e-9).all()    # each step's probability
+  pooled = apply.mean(0)                                # over all steps: E[p]
+  assert np.abs(pooled - probs.mean(0)).max() < 0.03
+  np.testing.assert_array_equal(level, mags[index] / 10)   # mstd 0: fixed magnitudes
+  assert set(np.unique(sign)) == {-1.0, 1.0} and abs(sign.mean()) < 0.05
+  _, _, noisy, _ = aa.draw(tf.constant([0, 1], tf.int64), mstd=0.5)
+  assert ((noisy.numpy() >= 0) & (noisy.numpy() <= 1)).all()
+
+
+def test_autoaug_every_sub_policy_eagerly_and_in_tf_data():
+  from convstem_jax.data import autoaug as aa  # pylint: disable=g-import-not-at-top
+  tf = _tf()
+  img = tf.constant(np.random.default_rng(1).integers(20, 230, (16, 18, 3)), tf.float32)
+  on = tf.constant([True, True])
+  ones = tf.constant([1.0, 1.0], tf.float64)
+
+  def run(i):
+    level = tf.gather(tf.constant([[m / 10 for _, _, m in sub] for sub in aa.POLICY],
+                                  tf.float64), i)
+    return aa.apply_sub_policy(i, img, on, level, ones)
+
+  ds = tf.data.Dataset.range(len(aa.POLICY)).map(lambda i: run(tf.cast(i, tf.int32)))
+  for i, graph in enumerate(ds):
+    eager = run(tf.constant(i)).numpy()
+    np.testing.assert_allclose(eager, graph.numpy(), atol=1e-4, err_msg=str(i))
+    assert eager.shape == (16, 18, 3) and eager.min() >= 0 and eager.max() <= 255
+    assert np.array_equal(eager, np.round(eager))
+    assert not np.array_equal(eager, img.numpy()), i
+
+
+def test_autoaug_policy_and_ops_match_timm():
+  """The policy is timm's 'original'; every step of every sub-policy, on the image timm
+  gives the step before, agrees with timm's PIL op (pixel ops exactly, Color up to its
+  rounding; geometric ones away from the border, as for RandAugment)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from convstem_jax.data import autoaug as aa  # pylint: disable=g-import-not-at-top
+  from convstem_jax.data import randaug as ra  # pylint: disable=g-import-not-at-top
+  timm_aa = _timm_auto_augment()
+  fill = tuple(int(v) for v in ra.FILL)
+  hparams = dict(img_mean=fill, interpolation=Image.BILINEAR)
+  theirs = timm_aa.auto_augment_policy_original(hparams)
+  assert [[(o.name, o.prob, o.magnitude) for o in sub] for sub in theirs] == \
+      [list(sub) for sub in aa.POLICY]
+  tf = _tf()
+  base = np.random.default_rng(0).integers(30, 220, (8, 10, 3)).astype(np.uint8)
+  arr = np.asarray(Image.fromarray(base).resize((40, 32), Image.BILINEAR))
+  ones = tf.constant([1.0, 1.0], tf.float64)
+  for i, sub in enumerate(aa.POLICY):
+    level = tf.constant([m / 10 for _, _, m in sub], tf.float64)
+    im = Image.fromarray(arr)
+    for j, (name, _, magnitude) in enumerate(sub):
+      only_j = tf.constant([k == j for k in range(len(sub))])
+      mine = aa.apply_sub_policy(tf.constant(i), tf.constant(np.asarray(im), tf.float32),
+                                 only_j, level, ones).numpy()
+      im = timm_aa.AugmentOp(name, 1.0, magnitude, hparams=hparams)(im)
+      d = np.abs(mine - np.asarray(im, np.float32))
+      if name in ("Rotate", "ShearX"):
+        assert np.median(d) <= 1 and d.mean() < 1.5, (i, j, d.mean())
+      else:
+        assert d.max() <= (1 if name == "Color" else 0), (i, j, name, d.max())
+
+
+# ------------------------------------------------------------------ repeated augmentation
+
+def test_repeated_augmentation_in_tfds_source(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from test_data import make_config  # pylint: disable=g-import-not-at-top
+  from convstem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  n, r = 10, 3
+  c = make_config(dataset="cifar10", image_size=32, num_classes=10,
+                  data_dir=str(tmp_path), repeated_aug=r)
+  # pca_lighting: one RGB offset per image, so the copies of an example differ by a
+  # constant (their augmentation) and different examples by much more.
+  c.pp_train = "decode|pca_lighting(0.5)"
+  with tfds.testing.mock_data(num_examples=n):
+    src = data_lib.get_source(c, "train")
+    assert src.num_examples == n and src.local_examples() == n
+    it = src.train_batches(5)
+    images = np.concatenate([next(it)["image"] for _ in range(6)])   # 3 epochs
+  flat = images.reshape(len(images), -1, 3)
+
+  def same_example(a, b):
+    offset = flat[a] - flat[b]
+    return np.abs(offset - offset.mean(0)).max() < 1e-3
+
+  # Groups: per epoch ceil(10 / 3) = 4 examples, 3 + 3 + 3 + 1 copies (epoch length 10).
+  sizes = [3, 3, 3, 1] * 3
+  starts = np.cumsum([0] + sizes[:-1])
+  for start, size in zip(starts, sizes):
+    for j in range(1, size):
+      assert same_example(start, start + j)                   # a copy ...
+      assert not np.array_equal(images[start], images[start + j])  # ... augmented anew
+  firsts = list(starts)
+  for a in range(len(firsts)):
+    for b in range(a + 1, len(firsts)):
+      if b < n:  # the first 10 groups read the split once: all different examples
+        assert not same_example(firsts[a], firsts[b]), (a, b)
+  assert not same_example(firsts[3], firsts[4])        # across the epoch boundary too

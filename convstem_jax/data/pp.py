@@ -30,6 +30,9 @@ Ops:
   randaug(num_ops=2, magnitude=9, mstd=0.5, prob=0.5)
                                 timm's rand-m9-mstd0.5-inc1 (randaug.py); [0, 255] in,
                                 uint8 out: after the crop, before normalize
+  autoaug(mstd=0)               AutoAugment, the paper's ImageNet policy (timm's
+                                'original'; autoaug.py): one of 25 two-step sub-policies
+                                per image; same conventions as randaug
   pca_lighting(alpha_std=0.1, scale=255)
                                 AlexNet / pycls PCA colour noise; scale = the input's
                                 pixel scale (255 before normalize, 1 for [0, 1] images)
@@ -434,5 +437,23 @@ def randaug(num_ops: int = 2, magnitude: float = 9, mstd: float = 0.5,
     if image.shape[-1] == 1:
       image = tf.tile(image, [1, 1, 3])
     f["image"] = ra.randaugment(image, seed, num_ops, magnitude, mstd, prob)
+    return f
+  return op
+
+
+@register("autoaug")
+def autoaug(mstd: float = 0.0) -> Op:
+  """AutoAugment with the paper's ImageNet policy, as timm's 'original' (data/autoaug.py):
+  one of the 25 sub-policies drawn uniformly per image, each of its two steps applied
+  with its probability at its magnitude (+ N(0, mstd^2) noise if mstd > 0, timm's
+  'original-mstd0.5'). On [0, 255] images (after the crop, before `normalize`); returns
+  uint8."""
+  from convstem_jax.data import autoaug as aa  # pylint: disable=g-import-not-at-top
+
+  def op(f, seed):
+    image = f["image"]
+    if image.shape[-1] == 1:
+      image = tf.tile(image, [1, 1, 3])
+    f["image"] = aa.autoaugment(image, seed, mstd)
     return f
   return op

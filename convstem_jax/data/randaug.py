@@ -63,11 +63,15 @@ def _gray(image):
 # ------------------------------------------------------------------ pixel ops
 
 def auto_contrast(image):
-  lo = tf.reduce_min(image, axis=[0, 1])
-  hi = tf.reduce_max(image, axis=[0, 1])
+  # PIL's lut, int(x * scale - lo * scale), in double precision as PIL computes it (a
+  # float32 or (x - lo) * scale version is off by one where the product is near an
+  # integer).
+  x = tf.cast(image, tf.float64)
+  lo = tf.reduce_min(x, axis=[0, 1])
+  hi = tf.reduce_max(x, axis=[0, 1])
   scale = 255.0 / tf.maximum(hi - lo, 1.0)
-  out = tf.clip_by_value(tf.floor((image - lo) * scale), 0.0, 255.0)
-  return tf.where(hi > lo, out, image)
+  out = tf.clip_by_value(tf.floor(x * scale + (-lo * scale)), 0.0, 255.0)
+  return tf.cast(tf.where(hi > lo, out, x), image.dtype)
 
 
 def _equalize_channel(channel):

@@ -13,6 +13,15 @@ position). Resuming: a big tfds split cannot be skipped into cheaply, so
 `train_batches(b, start_step=s)` starts a fresh stream seeded by (config.seed, process,
 s): deterministic for a given resume step, but not the continuation of the
 uninterrupted stream (file sources such as ELPV and folders resume exactly).
+
+Repeated augmentation (`config.repeated_aug` = r > 1, DeiT's): each source example is
+read once and appears r times in a row, each copy with its own augmentation seed (its
+stream position). The epoch length stays the split size n (this process's share): an
+epoch is the next ceil(n / r) examples of the shuffled, repeated source stream, the last
+of them repeated only n - (ceil(n / r) - 1) r times. The source stream runs on across
+epochs, so each epoch reads a fresh part of the split and r epochs read it about once
+(unlike restarting the read each epoch, which with a buffered shuffle would favour the
+first files). Epochs count from the start of the stream, i.e. from `start_step` on resume.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ class TfdsSource:
     self.local_split = tfds.even_splits(split, n=self.count)[self.index]
     self._dataset(shuffle=False)  # fails now, not at the first batch, if data is missing
     self.num_examples = self._count(split)
+    self._local_examples = None
 
   def _dataset(self, shuffle: bool, seed: int = 0):
     tfds = self.tfds
@@ -86,6 +96,35 @@ class TfdsSource:
       n = int(ds.reduce(0, lambda c, _: c + 1))
     return n * self.count
 
+  def local_examples(self) -> int:
+    """Examples in this process's slice of the split."""
+    if self._local_examples is None:
+      n = 0
+      try:
+        n = int(self.builder.info.splits[self.local_split].num_examples)
+      except (KeyError, ValueError, TypeError, AttributeError):
+        pass
+      if not n:
+        ds = self._dataset(shuffle=False)
+        n = int(ds.cardinality())
+        if n < 0:
+          n = int(ds.reduce(0, lambda c, _: c + 1))
+      self._local_examples = n
+    return self._local_examples
+
+  def _repeat_each(self, tf, ds, repeats: int):
+    """Each example of the (infinite) stream `ds` `repeats` times in a row, in epochs of
+    exactly local_examples() (see the module docstring)."""
+    n = self.local_examples()
+    per_epoch = -(-n // repeats)
+    last = n - (per_epoch - 1) * repeats  # copies of an epoch's last example, 1..repeats
+
+    def copies(k, f):
+      times = tf.where(k % per_epoch == per_epoch - 1, tf.constant(last, tf.int64),
+                       tf.constant(repeats, tf.int64))
+      return tf.data.Dataset.from_tensors(f).repeat(times)
+    return ds.enumerate().flat_map(copies)
+
   def train_batches(self, local_batch_size: int, start_step: int = 0):
     tf = import_tf()
     from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
@@ -96,6 +135,9 @@ class TfdsSource:
     buffer = int(self.config.get("shuffle_buffer", 50_000))
     ds = ds.shuffle(max(1, min(buffer, self.num_examples // self.count + 1)),
                     seed=order_seed % 2 ** 31, reshuffle_each_iteration=True).repeat()
+    repeats = max(1, int(self.config.get("repeated_aug", 1)))
+    if repeats > 1:
+      ds = self._repeat_each(tf, ds, repeats)
     ds = tf.data.Dataset.zip(tf.data.Dataset.range(2 ** 62), ds).map(
         lambda p, f: fn({"image": f["image"], "label": f["label"]},
                         tf.stack([tf.constant(aug_seed, tf.int64), p])),
