@@ -102,20 +102,29 @@ class FileSource:
     ds = tf.data.Dataset.zip(position, index).map(
         lambda p, i: load(i, tf.stack([tf.constant(aug_seed, tf.int64), p])),
         num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
-    ds = ds.with_options(_options(tf, self.config))
-    return (_keep(b) for b in ds.as_numpy_iterator())
+    return train_batches_of(tf, ds, local_batch_size, self.config)
 
   def eval_batches(self, local_batch_size: int):
     tf = import_tf()
     load = self._pipeline(tf, train=False)
     ds = tf.data.Dataset.range(len(self.local)).map(
         lambda i: load(i, None), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch_size).prefetch(2).with_options(_options(tf, self.config))
-    return common.pad_batches((_keep(b) for b in ds.as_numpy_iterator()),
-                              local_batch_size,
-                              common.eval_num_batches(self.num_examples, local_batch_size),
-                              _template(ds))
+    return eval_batches_of(tf, ds, local_batch_size, self.config,
+                           common.eval_num_batches(self.num_examples, local_batch_size))
+
+
+def train_batches_of(tf, ds, local_batch_size: int, config):
+  """Preprocessed examples -> an endless stream of whole numpy batches."""
+  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
+  ds = ds.with_options(_options(tf, config))
+  return (_keep(b) for b in ds.as_numpy_iterator())
+
+
+def eval_batches_of(tf, ds, local_batch_size: int, config, num_batches: int):
+  """Preprocessed examples -> `num_batches` numpy batches, padded and masked."""
+  ds = ds.batch(local_batch_size).prefetch(2).with_options(_options(tf, config))
+  return common.pad_batches((_keep(b) for b in ds.as_numpy_iterator()), local_batch_size,
+                            num_batches, _template(ds))
 
 
 def _keep(batch):

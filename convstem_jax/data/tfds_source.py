@@ -29,7 +29,8 @@ from __future__ import annotations
 import os
 
 from convstem_jax.data import common
-from convstem_jax.data.files import _keep, _options, _template, import_tf, pp_spec
+from convstem_jax.data.files import (eval_batches_of, import_tf, pp_spec,
+                                     train_batches_of)
 
 _PREPARE = {
     "imagenet2012": "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
@@ -142,9 +143,7 @@ class TfdsSource:
         lambda p, f: fn({"image": f["image"], "label": f["label"]},
                         tf.stack([tf.constant(aug_seed, tf.int64), p])),
         num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
-    ds = ds.with_options(_options(tf, self.config))
-    return (_keep(b) for b in ds.as_numpy_iterator())
+    return train_batches_of(tf, ds, local_batch_size, self.config)
 
   def eval_batches(self, local_batch_size: int):
     tf = import_tf()
@@ -153,9 +152,6 @@ class TfdsSource:
     ds = self._dataset(shuffle=False).map(
         lambda f: fn({"image": f["image"], "label": f["label"]}, None),
         num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch_size).prefetch(2).with_options(_options(tf, self.config))
-    return common.pad_batches((_keep(b) for b in ds.as_numpy_iterator()),
-                              local_batch_size,
-                              common.eval_num_batches(self.num_examples, local_batch_size,
-                                                      self.count),
-                              _template(ds))
+    return eval_batches_of(tf, ds, local_batch_size, self.config,
+                           common.eval_num_batches(self.num_examples, local_batch_size,
+                                                   self.count))
