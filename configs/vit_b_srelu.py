@@ -36,10 +36,18 @@ def get_config(arg=None):
                     end_lr=1e-5)
   c.label_smoothing = 0.1
   c.ema_decay = 0.99996
+  # DeiT augmentation (bilinear where DeiT resizes bicubically).
+  c.pp_train = ("inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize|"
+                "random_erasing(0.25)")
+  c.pp_eval = "decode|resize_small(256)|central_crop(224)|normalize"
+  c.mixup_alpha, c.cutmix_alpha = 0.8, 1.0
+  c.repeated_aug = 3
   c.batch_size = c.eval_batch_size = 1024
   if a.runlocal:
     common.apply_runlocal(c)
     c.model.dtype = "float32"
     c.lr, c.lr_batch_base = 1e-3, 0  # learn something in 50 steps of 16 images
+    c.mixup_alpha = c.cutmix_alpha = 0.0
+    c.repeated_aug = 1
     c.ema_decay = 0.9
   return c
