@@ -26,12 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def smooth(one_hot, smoothing: float):
-  """timm's off/on values: s / K off, 1 - s + s / K on."""
-  if not smoothing:
-    return one_hot
-  return one_hot * (1.0 - smoothing) + smoothing / one_hot.shape[-1]
+from convstem_jax import optim
 
 
 def cutmix_box(rng, lam, height: int, width: int):
@@ -106,7 +101,7 @@ def mix(rng, images, one_hot, *, mixup_alpha: float = 0.8, cutmix_alpha: float =
   lam = jnp.where(apply, lam, 1.0)
   new_images = jnp.where(apply, new_images, images).astype(images.dtype)
 
-  y = smooth(one_hot.astype(jnp.float32), smoothing)
+  y = optim.smooth_labels(one_hot.astype(jnp.float32), smoothing)
   targets = lam * y + (1.0 - lam) * y[::-1]
   info = {"lam": lam, "cutmix": jnp.logical_and(apply, use_cutmix)}
   return new_images, targets, info

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from convstem_jax.data import common
+
 _SPLIT_IDS = {"train": 0}
 
 
@@ -53,15 +55,11 @@ class SyntheticSource:
       step += 1
 
   def eval_batches(self, local_batch_size: int):
-    """One padded, masked pass over this process's contiguous slice of the split."""
-    procs, me = jax.process_count(), jax.process_index()
-    bounds = np.linspace(0, self.num_examples, procs + 1).astype(int)
-    lo, hi = bounds[me], bounds[me + 1]
-    most = int(np.max(np.diff(bounds)))
-    num_batches = -(-most // local_batch_size)
-    for b in range(num_batches):
-      idx = np.arange(lo + b * local_batch_size, lo + (b + 1) * local_batch_size)
-      mask = idx < hi
-      batch = self._examples(np.where(mask, idx, lo))
-      batch["mask"] = mask.astype(np.float32)
-      yield batch
+    """One padded, masked pass over this process's slice of the split."""
+    index = common.process_slice(self.num_examples)
+    chunks = (self._examples(index[i:i + local_batch_size])
+              for i in range(0, len(index), local_batch_size))
+    template = {"image": (self.templates.shape[1:], np.float32), "label": ((), np.int32)}
+    return common.pad_batches(chunks, local_batch_size,
+                              common.eval_num_batches(self.num_examples, local_batch_size),
+                              template)
