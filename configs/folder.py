@@ -13,7 +13,8 @@ Arguments (comma list after ':'):
     classes=N       class count, when the folder is not reachable from here
     depth=N         transformer blocks (default 6)
     flip            add random horizontal flips (off by default: wrong for digits/text)
-    runlocal        2 blocks, 50 steps: checks the machinery in about a minute
+    runlocal        2 blocks, 50 steps: checks the machinery in about a minute; on
+                    synthetic data when no data_dir is given
 Model: ViT-Ti width (192, 3 heads, MLP 576) with a small conv stem (3x3 stride-2 convs +
 BatchNorm + ReLU, then a 1x1 projection) whose strides give a token grid of about 8x8.
 Expected result: none measured yet beyond the tests; report yours.
@@ -69,6 +70,8 @@ def get_config(arg=None):
   c.label_smoothing = 0.1
   c.grad_clip_norm = 1.0
   if a.runlocal:
+    if not a.data_dir:  # nothing to read: check the model and trainer on synthetic data
+      common.apply_runlocal(c, image_size=size)
     c.model.depth = 2
     c.batch_size = c.eval_batch_size = 16
     c.total_steps = 50
