@@ -58,6 +58,24 @@ def quiet_library_logs():
     handler.addFilter(Filter())
 
 
+OUT_OF_MEMORY_HINT = (
+    "the device ran out of memory ({what}). Lower --config.batch_size, or keep the batch "
+    "and raise --config.grad_accum_steps, or recompute activations "
+    "(--config.model.remat=full), or shard the weights (--config.fsdp=True); the "
+    "workdir's checkpoints are untouched and the run resumes from the latest one.")
+
+
+def user_error(e: Exception) -> str | None:
+  """The one-sentence message for an error a user can cause and fix, else None."""
+  if isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
+    return str(e)
+  text = str(e)
+  if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return OUT_OF_MEMORY_HINT.format(what=first[:200])
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -72,12 +90,13 @@ def main(argv):
       results = evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
     else:
       results = train.train_and_evaluate(config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except Exception as e:  # pylint: disable=broad-except
     # Errors a user can cause end in their one sentence, not a traceback.
-    if os.environ.get("CONVSTEM_JAX_DEBUG") == "1":
+    message = user_error(e)
+    if message is None or os.environ.get("CONVSTEM_JAX_DEBUG") == "1":
       raise
-    logging.error("%s", e)
-    sys.exit(f"error: {e}\n(set CONVSTEM_JAX_DEBUG=1 for the traceback)")
+    logging.error("%s", message)
+    sys.exit(f"error: {message}\n(set CONVSTEM_JAX_DEBUG=1 for the traceback)")
   for key in sorted(results):
     if key.endswith(("/accuracy", "/top5", "/loss")):
       print(f"{key}: {results[key]:.4f}")

@@ -244,3 +244,16 @@ def test_logs_report_compile_and_step_times(first_run, resumed_run):
   for result, _ in (first_run, resumed_run):
     assert FIRST_STEP_LINE.search(result.stderr), str(result)
     assert result.step_losses(), str(result)
+
+
+def test_out_of_memory_becomes_one_sentence_with_the_fixes():
+  from convstem_jax import main  # pylint: disable=g-import-not-at-top
+  oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                     "19.2GiB.\nBufferAssignment ...")
+  message = main.user_error(oom)
+  assert "allocate 19.2GiB" in message and "BufferAssignment" not in message
+  for fix in ("--config.batch_size", "--config.grad_accum_steps", "--config.model.remat",
+              "--config.fsdp", "resumes"):
+    assert fix in message
+  assert main.user_error(ValueError("Unknown model 'x'.")) == "Unknown model 'x'."
+  assert main.user_error(RuntimeError("an internal bug")) is None  # keeps its traceback
