@@ -10,6 +10,7 @@ count.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -64,14 +65,56 @@ class Checkpointer:
     """The whole train state, onto the shardings of `abstract_state`."""
     model = {k: abstract_state[k] for k in MODEL_KEYS}
     rest = {k: v for k, v in abstract_state.items() if k not in MODEL_KEYS}
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        model=_restore_args(model), train=_restore_args(rest)))
+    self._check_model_shapes(step, model)
+    with self._explain_mismatch(step):
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          model=_restore_args(model), train=_restore_args(rest)))
     return {**out["model"], **out["train"]}
 
   def restore_model(self, step: int, abstract_model: dict[str, Any]) -> dict[str, Any]:
     """Only the model part (params, batch_stats, ema, or a subset)."""
-    return self.manager.restore(step, args=ocp.args.Composite(
-        model=_restore_args(abstract_model)))["model"]
+    self._check_model_shapes(step, abstract_model)
+    with self._explain_mismatch(step):
+      return self.manager.restore(step, args=ocp.args.Composite(
+          model=_restore_args(abstract_model)))["model"]
+
+  def _check_model_shapes(self, step: int, abstract_model: dict[str, Any]) -> None:
+    """Compares shapes with the checkpoint's metadata before reading any array.
+
+    A restore that fails half-way leaves orbax's reader threads printing tracebacks, and a
+    partial restore would silently leave new parameters abstract; both are caught here.
+    """
+    stored = _flat_shapes(self.model_shapes(step))
+    wanted = _flat_shapes(abstract_model)
+    for key in sorted(wanted, key=lambda k: (k[0] != "params", k)):  # params first
+      shape = wanted[key]
+      name = "/".join(key)
+      if key not in stored:
+        what = f"it has no '{name}'"
+      elif stored[key] != shape:
+        what = f"it stores '{name}' as {stored[key]} where this config has {shape}"
+      else:
+        continue
+      raise ValueError(
+          f"Checkpoint {step} in {self.manager.directory} was written by a different "
+          f"model than this config builds ({what}); use a new --workdir for a new model, "
+          f"or the config the run was started with (saved as config.json in the "
+          f"workdir).")
+
+  @contextlib.contextmanager
+  def _explain_mismatch(self, step: int):
+    """orbax's shape/structure errors suggest restore flags; say what really happened."""
+    try:
+      yield
+    except (ValueError, KeyError) as e:
+      text = str(e)
+      if not any(w in text for w in ("shape", "structure", "not found", "missing")):
+        raise
+      raise ValueError(
+          f"Checkpoint {step} in {self.manager.directory} does not match the state this "
+          f"config builds ({text.splitlines()[0][:120]}...); use a new --workdir, or "
+          f"the config the run was started with (saved as config.json in the "
+          f"workdir).") from e
 
   def model_shapes(self, step: int) -> dict[str, Any]:
     """Shapes of the saved model part, without reading any array."""
@@ -86,6 +129,14 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _flat_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{('params', 'block_0', ...): shape} for arrays, abstract arrays or orbax metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") or isinstance(x, tuple))[0]
+  return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+          tuple(getattr(leaf, "shape", leaf)) for path, leaf in leaves}
 
 
 def resolve(path_or_workdir: str, step: int | None = None) -> tuple[Checkpointer, int]:

@@ -171,6 +171,22 @@ def test_eval_of_a_missing_step_names_the_available_steps(workdir, resumed_run):
   assert not (workdir / "eval_99.json").exists()
 
 
+@pytest.mark.parametrize("change,word", [
+    ("--config=configs/vit_b_srelu.py:runlocal,variant=s", "as (768,) where this config has (384,)"),
+    ("--config.model.depth=3", "it has no 'params/block_2"),
+])
+def test_resuming_with_another_model_is_one_clear_error(workdir, resumed_run, change, word):
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  args = [change] if change.startswith("--config=") else [RUNLOCAL, change]
+  result = run_cli(*args, f"--workdir={workdir}", "--config.total_steps=12",
+                   num_devices=4)
+  assert result.returncode != 0, str(result)
+  assert "was written by a different model" in result.stderr, str(result)
+  assert word in result.stderr and "config.json" in result.stderr, str(result)
+  assert "Traceback" not in result.stderr, str(result)  # no orbax reader threads dying
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
 # ----------------------------------------------------------------- two processes
 
 
