@@ -16,7 +16,9 @@ Stability (Figure 3/4): 64 (lr, wd) pairs per model and optimizer, 50 epochs eac
         --config=configs/early_conv.py:model=vitc_18gf,opt=sgd,trial=$i \
         --workdir=gs://BUCKET/early_conv/stab_vitc_18gf_sgd/$i; done
   A sweep tool reads `SEARCH_SPACE` (the paper's intervals, log scale) or `get_sweep(arg)`
-  (the 64 drawn pairs as config overrides); `trial=i` is the i-th of those pairs.
+  (the 64 drawn pairs as config overrides); `trial=i` is the i-th of those pairs. Then
+    python -m convstem_jax.tools.stability gs://BUCKET/early_conv/stab_vitc_18gf_sgd
+  prints the fraction of trials within d points of the best (the paper's EDF curves).
 
 Arguments (comma list after ':'):
     model=NAME   vitp_1gf|vitc_1gf|vitp_4gf|vitc_4gf|vitp_18gf|vitc_18gf|vitp_36gf|vitc_36gf
