@@ -172,6 +172,7 @@ def quiet_library_logs():
   convstem_jax.main does, here without absl's app)."""
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # what app.run would do: absl's format, to stderr
   logging.set_verbosity(logging.INFO)
   noisy = ("/orbax/", "/jax/_src/distributed", "/clu/")
 
