@@ -35,6 +35,16 @@ def _sums(logits, labels, mask):
           "count": jnp.sum(mask)}
 
 
+def make_eval_step(model):
+  """eval_step(params, batch_stats, batch) -> summed loss / top-1 / top-5 / count over
+  the batch's unmasked examples (not yet jitted; tools/benchmark.py times it too)."""
+  def eval_step(params, batch_stats, batch):
+    logits, _ = model.apply({"params": params, "batch_stats": batch_stats},
+                            batch["image"], train=False)
+    return _sums(logits, batch["label"], batch["mask"])
+  return eval_step
+
+
 class Evaluator:
   """Top-1 / top-5 / loss on each of `config.eval_splits`, for raw and EMA weights."""
 
@@ -46,11 +56,6 @@ class Evaluator:
     self.train_source = train_source
     self.precise_bn_images = config.get("precise_bn_images", 0)
 
-    def eval_step(params, batch_stats, batch):
-      logits, _ = model.apply({"params": params, "batch_stats": batch_stats},
-                              batch["image"], train=False)
-      return _sums(logits, batch["label"], batch["mask"])
-
     def bn_step(params, batch_stats, batch):
       # Running stats start at zero, so one update leaves (1 - momentum) x batch stats.
       zero = jax.tree.map(jnp.zeros_like, batch_stats)
@@ -59,7 +64,7 @@ class Evaluator:
                            rngs={"dropout": jax.random.PRNGKey(0)})
       return jax.tree.map(lambda s: s / (1 - BatchNorm.momentum), new["batch_stats"])
 
-    self.eval_step = jax.jit(eval_step, out_shardings=shd.replicated(mesh))
+    self.eval_step = jax.jit(make_eval_step(model), out_shardings=shd.replicated(mesh))
     self.bn_step = jax.jit(bn_step)
 
   def precise_bn(self, params, batch_stats):

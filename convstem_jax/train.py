@@ -7,6 +7,8 @@
 Every array in the state is a global `jax.Array` sharded over the mesh, so the same code
 runs on one CPU, a GPU node and a TPU pod slice, and orbax can save it from every host.
 The step is compiled once; the host waits for the device only at log steps.
+`make_init_state`, `make_train_step` and `jit_train_step` build the state and the step;
+`tools/benchmark.py` uses them too, so it times the very step trained here.
 """
 
 from __future__ import annotations
@@ -69,55 +71,32 @@ def write_config(config, workdir: str) -> None:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from the workdir's latest checkpoint) and returns the final evals."""
-  # ---------------------------------------------------------------- setup
-  model = model_from_config(config)  # a bad model name fails before anything is written
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  write_config(config, workdir)
-  logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+# ------------------------------------------------ state and step builders (reused by
+# tools/benchmark.py, so the benchmark times exactly the step the trainer runs)
 
-  # ---------------------------------------------------------------- mesh
-  mesh = shd.make_mesh(config.get("mesh", ((shd.DATA, -1),)))
-  local_bs = shd.local_batch_size(config.batch_size)
 
-  # ---------------------------------------------------------------- data
-  train_source = data_lib.get_source(config, config.get("train_split", "train"))
-  steps_per_epoch = max(1, train_source.num_examples // config.batch_size)
-  total_steps = steps_for(config, steps_per_epoch)
-  log_every = max(1, config.get("log_every_steps", 50))
-  eval_every = every(config, "eval_every", steps_per_epoch)
-  ckpt_every = every(config, "checkpoint_every", steps_per_epoch)
-  logging.info("%s: %d train examples, %d steps/epoch, %d steps of global batch %d",
-               config.dataset, train_source.num_examples, steps_per_epoch, total_steps,
-               config.batch_size)
-  if config.dataset == "synthetic":
-    logging.warning("Training on synthetic data (class-coloured noise): this checks the "
-                    "machinery, not a recipe.")
-
-  # ------------------------------------------------- model and optimizer, born sharded
-  init_images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  use_ema = config.get("ema_decay", 0.0) > 0
-  root_rng = jax.random.PRNGKey(config.seed)
-
-  abstract_vars = jax.eval_shape(lambda: model.init(root_rng, init_images))
-  tx, schedule = optim.make_optimizer(config, abstract_vars["params"], steps_per_epoch,
-                                      total_steps)
-
+def make_init_state(model, tx: optax.GradientTransformation, use_ema: bool):
+  """init_state(rng) -> a fresh TrainState; jit it with `out_shardings` so the state
+  is born sharded."""
   def init_state(rng) -> TrainState:
+    init_images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
     init_rng, state_rng = jax.random.split(rng)
     variables = model.init(init_rng, init_images, train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     ema = {"params": params, "batch_stats": batch_stats} if use_ema else {}
     return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
                       ema, state_rng)
+  return init_state
 
-  abstract_state = jax.eval_shape(init_state, root_rng)
-  state_sharding = shd.state_shardings(abstract_state, mesh, config.get("fsdp", False))
 
-  # ---------------------------------------------------------------- update step
+def make_train_step(config, model, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+  """The update step, not yet jitted: train_step(state, batch) -> (state, metrics).
+
+  Mixup / CutMix (on the global batch), gradient accumulation over micro-batches, the
+  optax update, EMA and the step's metrics, all from `config`.
+  """
+  use_ema = config.get("ema_decay", 0.0) > 0
   accum = max(1, config.get("grad_accum_steps", 1))
   if config.batch_size % (accum * jax.device_count()):
     raise ValueError(f"grad_accum_steps={accum} micro-batches of a global batch of "
@@ -190,11 +169,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, ema=ema)
     return new_state, metrics
+  return train_step
 
-  batch_sharding = shd.batch_sharding(mesh)
-  train_step = jax.jit(train_step, donate_argnums=0,
-                       in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, shd.replicated(mesh)))
+
+def jit_train_step(train_step, state_sharding, mesh):
+  """The compiled step as the trainer runs it: the state is donated (updated in place),
+  batches are split over the mesh, metrics come back replicated."""
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, shd.replicated(mesh)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the final evals."""
+  # ---------------------------------------------------------------- setup
+  model = model_from_config(config)  # a bad model name fails before anything is written
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  write_config(config, workdir)
+  logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+
+  # ---------------------------------------------------------------- mesh
+  mesh = shd.make_mesh(config.get("mesh", ((shd.DATA, -1),)))
+  local_bs = shd.local_batch_size(config.batch_size)
+
+  # ---------------------------------------------------------------- data
+  train_source = data_lib.get_source(config, config.get("train_split", "train"))
+  steps_per_epoch = max(1, train_source.num_examples // config.batch_size)
+  total_steps = steps_for(config, steps_per_epoch)
+  log_every = max(1, config.get("log_every_steps", 50))
+  eval_every = every(config, "eval_every", steps_per_epoch)
+  ckpt_every = every(config, "checkpoint_every", steps_per_epoch)
+  logging.info("%s: %d train examples, %d steps/epoch, %d steps of global batch %d",
+               config.dataset, train_source.num_examples, steps_per_epoch, total_steps,
+               config.batch_size)
+  if config.dataset == "synthetic":
+    logging.warning("Training on synthetic data (class-coloured noise): this checks the "
+                    "machinery, not a recipe.")
+
+  # ------------------------------------------------- model and optimizer, born sharded
+  init_images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
+  use_ema = config.get("ema_decay", 0.0) > 0
+  root_rng = jax.random.PRNGKey(config.seed)
+
+  abstract_vars = jax.eval_shape(lambda: model.init(root_rng, init_images))
+  tx, schedule = optim.make_optimizer(config, abstract_vars["params"], steps_per_epoch,
+                                      total_steps)
+
+  init_state = make_init_state(model, tx, use_ema)
+  abstract_state = jax.eval_shape(init_state, root_rng)
+  state_sharding = shd.state_shardings(abstract_state, mesh, config.get("fsdp", False))
+
+  # ---------------------------------------------------------------- update step
+  train_step = jit_train_step(make_train_step(config, model, tx, schedule),
+                              state_sharding, mesh)
 
   # ------------------------------------- restore: workdir, else init_from, else fresh
   checkpointer = ckpt_lib.Checkpointer(workdir, config.get("max_to_keep", 3))

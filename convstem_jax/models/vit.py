@@ -11,6 +11,17 @@ see `structured_init.py`; `convstem_jax.diagnostics` scores the resulting maps.
 Parameter names (stable, checkpoints depend on them):
   stem/{conv_i, norm_i, embedding}  cls  pos_embedding
   block_i/{norm1, attn/{qkv, out}, norm2, mlp/{fc1, fc2}}  encoder_norm  head
+With `scan_blocks=True` the blocks are one `nn.scan` and their parameters are stacked
+along a new leading depth axis under `blocks/{norm1, attn/{qkv, out}, ...}` instead of
+`block_i/...`: checkpoints of the two layouts are not interchangeable as they stand;
+`stack_blocks` / `unstack_blocks` convert a params tree from one to the other.
+
+Speed switches (all off by default; see docs/benchmarks.md):
+  scan_blocks  compile one block and loop it (nn.scan): compile time and program size
+               stop growing with depth; the step's own speed may move a little either
+               way (to be measured on accelerators).
+  remat        rematerialise each block in the backward pass (jax.checkpoint) with a
+               policy from REMAT_POLICIES: less activation memory, more compute.
 """
 
 from __future__ import annotations
@@ -31,6 +42,15 @@ from convstem_jax.models import structured_init
 POOLS = ("token", "gap")
 POSEMBS = ("learn", "sincos2d", "none")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+# remat policy -> what the backward pass may keep from the forward of each block
+# (jax.checkpoint_policies); everything else is recomputed. 'none' = no remat at all.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,    # keep only the block input
+    "dots": jax.checkpoint_policies.dots_saveable,       # keep every matmul output
+    # keep the projections' / MLP's matmuls, recompute the attention matmuls (batched)
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LN_EPS = 1e-6
 
@@ -142,11 +162,15 @@ class Block(nn.Module):
   attention_init: str = "default"
 
   @nn.compact
-  def __call__(self, x, train: bool, shared_qk=None):
+  def __call__(self, x, train: bool, shared_qk=None, rate=None):
+    # `rate` overrides `drop_path` for this call (under scan_blocks it is the traced
+    # per-layer rate); stochastic depth is on only when `drop_path` > 0.
+    rate = self.drop_path if rate is None else rate
+
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
-        y = drop_path(y, self.drop_path, self.make_rng("dropout"))
+        y = drop_path(y, rate, self.make_rng("dropout"))
       return x + y
 
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x)
@@ -185,6 +209,10 @@ class ViT(nn.Module):
   attention_init: str = "default"  # see structured_init.py; impulse* need pool='gap'
   bn_group_size: int = 0          # BatchNorm examples per statistics group; 0 = all
   capture_attention: bool = False
+  # Speed switches, default off (module docstring, docs/benchmarks.md). scan_blocks
+  # changes the parameter layout (stacked under `blocks/`; see stack_blocks).
+  scan_blocks: bool = False       # one nn.scan over the identical blocks
+  remat: str = "none"             # block rematerialisation policy, see REMAT_POLICIES
 
   def __post_init__(self):
     super().__post_init__()
@@ -200,6 +228,12 @@ class ViT(nn.Module):
         (self.num_heads > 0 and self.width % self.num_heads == 0,
          f"num_heads {self.num_heads} does not divide the width {self.width}; choose a "
          f"head count that divides it"),
+        (self.remat in REMAT_POLICIES,
+         f"remat '{self.remat}' is not one of {tuple(REMAT_POLICIES)}"),
+        (not (self.scan_blocks and self.capture_attention),
+         "capture_attention sows per-block attention maps, which scan_blocks does not "
+         "support; build the model with scan_blocks=False (unstack_blocks converts "
+         "scanned parameters)"),
     ]
     for ok, msg in checks:
       if not ok:
@@ -277,11 +311,29 @@ class ViT(nn.Module):
                                              pe, self.num_heads, LN_EPS)
 
     rates = np.linspace(0, self.drop_path, self.depth) if self.depth else []
-    for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.init_style, self.attention_impl, self.dropout,
-                self.attention_dropout, float(rates[i]), self.capture_attention,
-                self.qkv_bias, dtype, attention_init=self.attention_init,
-                name=f"block_{i}")(x, train, shared_qk)
+    block = Block
+    if self.remat != "none":
+      # static_argnums counts `self`: argument 2 is `train`.
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,),
+                       prevent_cse=not self.scan_blocks)
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, init_style=self.init_style,
+              attention_impl=self.attention_impl, dropout=self.dropout,
+              attention_dropout=self.attention_dropout,
+              capture_attention=self.capture_attention, qkv_bias=self.qkv_bias,
+              dtype=dtype, attention_init=self.attention_init)
+    if self.scan_blocks and self.depth:
+      # One block body, looped: parameters (and per-layer init / dropout rngs) get a
+      # leading depth axis; each layer's drop-path rate is scanned in with its input.
+      def body(blk, x, rate):
+        x = blk(x, train, shared_qk, rate)
+        return x, x
+      scan = nn.scan(body, variable_axes={"params": 0, "intermediates": 0},
+                     split_rngs={"params": True, "dropout": True}, length=self.depth)
+      x, per_block = scan(block(drop_path=self.drop_path, name="blocks", **kw), x,
+                          jnp.asarray(rates, jnp.float32))
+      out.update({f"block_{i}": per_block[i] for i in range(self.depth)})
+    for i in range(0 if self.scan_blocks else self.depth):
+      x = block(drop_path=float(rates[i]), name=f"block_{i}", **kw)(x, train, shared_qk)
       out[f"block_{i}"] = x
 
     norm = nn.LayerNorm(LN_EPS, dtype=dtype, name="encoder_norm")
@@ -297,3 +349,33 @@ class ViT(nn.Module):
                    name="head")(x)
     out["logits"] = x
     return x.astype(jnp.float32), out
+
+
+# ------------------------------------------------- scan_blocks parameter layout
+
+
+def stack_blocks(params: dict, depth: int) -> dict:
+  """An unrolled params tree (`block_0` ... `block_{depth-1}`) -> the scan_blocks layout
+  (one `blocks` subtree, each leaf stacked along a new leading depth axis). Works on
+  any tree keyed like params (e.g. EMA params), not on optimizer state."""
+  missing = [f"block_{i}" for i in range(depth) if f"block_{i}" not in params]
+  if missing:
+    raise ValueError(f"Expected unrolled parameters block_0..block_{depth - 1}, but "
+                     f"{', '.join(missing)} are missing; pass the model's depth and an "
+                     "unrolled (scan_blocks=False) params tree.")
+  out = {k: v for k, v in params.items() if not k.startswith("block_")}
+  out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[params[f"block_{i}"] for i in range(depth)])
+  return out
+
+
+def unstack_blocks(params: dict) -> dict:
+  """The scan_blocks layout (`blocks`, leading depth axis) -> `block_0` ... `block_{n-1}`."""
+  if "blocks" not in params:
+    raise ValueError("Expected scanned parameters with a 'blocks' entry; these are "
+                     "already unrolled.")
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  depth = jax.tree.leaves(params["blocks"])[0].shape[0]
+  for i in range(depth):
+    out[f"block_{i}"] = jax.tree.map(lambda x: x[i], params["blocks"])
+  return out
