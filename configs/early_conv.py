@@ -131,7 +131,7 @@ def get_config(arg=None):
 
   c = common.base_config()
   c.model_name, overrides = MODELS[a.model]
-  c.model = dict(dtype="bfloat16", init_style="pycls", **overrides)
+  c.model.update(dtype="bfloat16", init_style="pycls", **overrides)
   c.batch_size = c.eval_batch_size = 2048
   c.total_epochs = float(epochs)
   c.eval_every_epochs = 5.0

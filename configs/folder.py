@@ -53,7 +53,7 @@ def get_config(arg=None):
   c.image_size = size
   stem, patch = conv_stem(size)
   c.model_name = "vitc_1gf"
-  c.model = dict(stem=stem, patch_size=patch, depth=a.depth, dtype="float32")
+  c.model.update(stem=stem, patch_size=patch, depth=a.depth, dtype="float32")
   flip = "|flip_lr" if a.flip else ""
   c.pp_train = (f"decode|inception_crop({size}, area_min=0.65, ratio_min=0.8, "
                 f"ratio_max=1.25){flip}|value_range(-1, 1)")

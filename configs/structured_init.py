@@ -80,7 +80,7 @@ def get_config(arg=None):
   c.train_split, c.eval_splits = "train", ("test",)
   c.image_size = 32
   c.model_name = "vit_ti2_32"
-  c.model = dict(depth=depth, attention_init=a.init, dtype="float32")
+  c.model.update(depth=depth, attention_init=a.init, dtype="float32")
 
   # Augmentation: no crop (CIFAR / SVHN are 32 px already; ELPV's 300 px cells are
   # resized whole), flip, RandAugment (uint8 [0, 255] in and out), then normalise.

@@ -27,7 +27,7 @@ def get_config(arg=None):
     raise ValueError(f"Unknown variant '{a.variant}'; valid: {', '.join(VARIANTS)}.")
   c.model_name = VARIANTS[a.variant]
   # DeiT recipe (papers.md section 4).
-  c.model = dict(stem=a.stem, dtype="bfloat16", drop_path=0.1, init_style="jax")
+  c.model.update(stem=a.stem, dtype="bfloat16", drop_path=0.1, init_style="jax")
   c.total_epochs = float(a.epochs)
   c.optimizer = "adamw"
   c.optimizer_kw.eps = 1e-8

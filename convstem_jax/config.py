@@ -32,8 +32,14 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Model: a name from convstem_jax.models.model_names() plus ViT field overrides.
+  # Experiments add theirs with c.model.update(...); the run-time knobs below stay, so
+  # --config.model.remat=full works on every config (a locked config rejects new keys).
   c.model_name = "vit_b16"
-  c.model = ml_collections.ConfigDict(dict(dtype="float32"))
+  c.model = ml_collections.ConfigDict(dict(
+      dtype="float32",          # compute dtype; parameters stay float32
+      attention_impl="xla",     # xla | cudnn (falls back to XLA) | auto
+      remat="none",             # none | full | dots | dots_no_batch (models/vit.py)
+      scan_blocks=False))       # nn.scan over the blocks (another parameter layout)
   # Data.
   c.dataset = "imagenet2012"
   c.data_dir = ""                 # '' = $TFDS_DATA_DIR or tfds' default
@@ -69,6 +75,8 @@ def base_config():
       warmup_steps=0, warmup_epochs=5.0, warmup_init=0.0, decay="cosine",
       end_factor=0.0, end_lr=0.0, per_epoch=False))
   c.weight_decay = 0.05
+  c.mu_dtype = ml_collections.config_dict.placeholder(str)  # e.g. 'bfloat16': Adam's
+                                  # first moment / SGD momentum (None = params' dtype)
   c.wd_posemb = False             # decay the position embedding / class token?
   c.wd_cls = False
   c.grad_clip_norm = 0.0

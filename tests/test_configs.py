@@ -5,6 +5,7 @@ The runlocal check is the one a user runs: `python -m convstem_jax.main
 """
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -111,3 +112,20 @@ def test_stability_sweep_is_64_log_uniform_pairs_inside_the_paper_intervals():
 def test_early_conv_bad_arguments_say_what_is_valid(arg, word):
   with pytest.raises(ValueError, match=word):
     early_conv.get_config(arg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_speed_knobs_exist_on_every_config(path):
+  c = load(path).get_config("classes=10" if path.stem == "folder" else None)
+  for key in ("dtype", "attention_impl", "remat", "scan_blocks"):
+    assert key in c.model, f"{path.stem}: --config.model.{key}= would be rejected"
+  assert "mu_dtype" in c
+
+
+def test_speed_knobs_from_the_command_line(tmp_path):
+  r = run_cli("--config=configs/vit_b_srelu.py:runlocal", "--config.total_steps=2",
+              "--config.model.remat=full", "--config.model.scan_blocks=True",
+              "--config.mu_dtype=bfloat16", f"--workdir={tmp_path}", num_devices=2)
+  assert r.returncode == 0, r
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["remat"] == "full" and saved["mu_dtype"] == "bfloat16", saved

@@ -77,7 +77,7 @@ def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30) -> float:
     c.eval_splits, c.num_classes, c.image_size = ("test",), 2, 224
     c.pp_train, c.pp_eval = pp_spec, "decode|resize(224)|normalize"
     c.model_name = "vit_ti16"
-    c.model = dict(width=64, num_heads=2, mlp_dim=128, depth=1)
+    c.model.update(width=64, num_heads=2, mlp_dim=128, depth=1)
     c.batch_size = c.eval_batch_size = 64
     c.total_steps, c.log_every_steps = steps, steps // 2
     c.checkpoint_every_steps, c.eval_every_epochs = 0, 0.0
