@@ -10,7 +10,8 @@ import pytest
 from cli_util import REPO, child_env
 from convstem_jax.tools import compare_inits
 
-ROW = re.compile(r"\| (\S+) \| ([\d.]+) \| ([\d.]+) ± ([\d.]+) \| ([\d.]+) \| (\d+) s \|")
+ROW = re.compile(r"\| (\S+) \| ([\d.]+) \| ([\d.]+) ± ([\d.]+) \| ([\d.]+) / ([\d.]+) \| "
+                 r"(\d+) s \|")
 
 
 def run_driver(*args):
@@ -33,24 +34,27 @@ def test_driver_trains_each_init_and_prints_a_table(tmp_path):
   rows = [ROW.fullmatch(line) for line in lines[2:]]
   assert all(rows) and [r.group(1) for r in rows] == ["default", "impulse3_closed"], lines
   for r in rows:
-    acc, mean, half, score = (float(r.group(i)) for i in (2, 3, 4, 5))
-    assert 0 <= acc <= 100 and mean == acc and half == 0 and 0 <= score <= 1
+    acc, mean, half, block0, score = (float(r.group(i)) for i in (2, 3, 4, 5, 6))
+    assert 0 <= acc <= 100 and mean == acc and half == 0
+    assert 0 <= block0 <= 1 and 0 <= score <= 1
   # The closed-form impulse init still looks like impulses after 2 steps; default not.
-  assert float(rows[1].group(5)) > float(rows[0].group(5))
+  assert float(rows[1].group(5)) > 0.5 > float(rows[0].group(5))
   rec = json.loads((tmp_path / "default_s0" / "compare_inits.json").read_text())
   assert rec["step"] == 2
   # A rerun skips finished runs and reads their numbers back.
   again = run_driver("--dataset=elpv", "--inits=default", "--seeds=0",
                      "--config_args=runlocal", "--steps=2", "--noscore",
                      f"--workdir={tmp_path}")
-  assert f"| default | {rows[0].group(2)} |" in again
+  row = [line for line in again.splitlines() if line.startswith("| default |")][-1]
+  assert row.startswith(f"| default | {rows[0].group(2)} |"), row
+  assert row.endswith(f"| {rows[0].group(7)} s |"), row  # the first run's training time
 
 
 def test_table_mean_and_half_range():
-  results = [{"init": "a", "seed": 0, "accuracy": 0.70, "wall_s": 10, "score": 0.5},
-             {"init": "a", "seed": 1, "accuracy": 0.74, "wall_s": 20, "score": 0.7}]
+  results = [{"init": "a", "seed": 0, "accuracy": 0.70, "wall_s": 10, "score": (1, 0.5)},
+             {"init": "a", "seed": 1, "accuracy": 0.74, "wall_s": 20, "score": (0.8, 0.7)}]
   out = compare_inits.table(results, ["a", "b"], [0, 1], score=True)
-  assert "| a | 70.0 | 74.0 | 72.0 ± 2.0 | 0.60 | 15 s |" in out
+  assert "| a | 70.0 | 74.0 | 72.0 ± 2.0 | 0.90 / 0.60 | 15 s |" in out
   assert "| b | - | - | - | - | - |" in out
 
 

@@ -17,8 +17,9 @@ The table (markdown, printed last) has the final test accuracy of every seed, th
 ± half range (max - min) / 2 — with two seeds the two numbers are the mean ± that — and,
 unless --noscore, the attention diagnostic of the final checkpoint:
 `convstem_jax.diagnostics.attention.score_model` on a blank image, window 5, the share of
-interior queries whose argmax is the head's most common offset, averaged over blocks and
-heads (an impulse map scores 1, a uniform one about 1/N).
+interior queries whose argmax is the head's most common offset (an impulse map scores 1,
+a uniform one about 1/N; a map peaked on the query itself, offset (0, 0), also scores
+high), averaged over block 0's heads / over every block's heads.
 
 `--time_init` times `model.init` of the full vit_ti2_32 (12 blocks, 10 classes) for each
 init, jitted as the trainer does: the first call (tracing, compilation, the impulse fit)
@@ -69,8 +70,8 @@ def final_metrics(workdir) -> dict | None:
   return last
 
 
-def attention_score(config, workdir) -> float:
-  """Mean argmax share (window 5) over blocks and heads of the final checkpoint."""
+def attention_score(config, workdir) -> tuple[float, float]:
+  """Mean argmax share (window 5) of the final checkpoint: block 0's heads, all heads."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -86,17 +87,21 @@ def attention_score(config, workdir) -> float:
   variables = ckpt.restore_model(step, abstract)
   ckpt.close()
   scores = attention.score_model(model, variables, window=SCORE_WINDOW)
-  return float(np.mean([h.argmax_fraction for block in scores.values() for h in block]))
+  return (float(np.mean([h.argmax_fraction for h in scores[0]])),
+          float(np.mean([h.argmax_fraction for block in scores.values() for h in block])))
 
 
 def run_one(module, dataset, init, seed, extra, workdir, score: bool) -> dict:
   from convstem_jax import train  # pylint: disable=g-import-not-at-top
   config = module.get_config(config_arg(dataset, init, seed, extra))
   done = final_metrics(workdir)
+  saved = pathlib.Path(workdir) / "compare_inits.json"
   t0 = time.perf_counter()
   if done is None or done["step"] < _total_steps(config, done):
     train.train_and_evaluate(config, str(workdir))
-  wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+  else:  # finished before: its training time as recorded then, if it was
+    wall = json.loads(saved.read_text()).get("wall_s") if saved.exists() else None
   rec = final_metrics(workdir)
   if rec is None:
     raise RuntimeError(f"{workdir}: training wrote no test accuracy to metrics.jsonl.")
@@ -104,7 +109,7 @@ def run_one(module, dataset, init, seed, extra, workdir, score: bool) -> dict:
          "step": rec["step"], "wall_s": wall}
   if score:
     out["score"] = attention_score(config, workdir)
-  (pathlib.Path(workdir) / "compare_inits.json").write_text(json.dumps(out, indent=2))
+  saved.write_text(json.dumps(out, indent=2))
   return out
 
 
@@ -123,7 +128,7 @@ def spread(values):
 
 def table(results, inits, seeds, score: bool) -> str:
   head = (["init"] + [f"seed {s}" for s in seeds] + ["mean ± half range"] +
-          (["attention score (mean)"] if score else []) + ["wall per run"])
+          (["attention score, block 0 / all"] if score else []) + ["wall per run"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for init in inits:
     rows = {r["seed"]: r for r in results if r["init"] == init}
@@ -133,8 +138,9 @@ def table(results, inits, seeds, score: bool) -> str:
     cells.append(f"{statistics.mean(accs):.1f} ± {spread(accs):.1f}" if accs else "-")
     if score:
       sc = [rows[s]["score"] for s in seeds if s in rows and "score" in rows[s]]
-      cells.append(f"{statistics.mean(sc):.2f}" if sc else "-")
-    walls = [rows[s]["wall_s"] for s in seeds if s in rows]
+      cells.append(f"{statistics.mean(b for b, _ in sc):.2f} / "
+                   f"{statistics.mean(a for _, a in sc):.2f}" if sc else "-")
+    walls = [rows[s]["wall_s"] for s in seeds if s in rows and rows[s]["wall_s"]]
     cells.append(f"{statistics.mean(walls):.0f} s" if walls else "-")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -231,8 +237,9 @@ def main(argv=None) -> str:
       r = run_one(module, a.dataset, init, seed, extra, workdir, not a.noscore)
       results.append(r)
       print(f"--- {init} seed {seed}: test accuracy {100 * r['accuracy']:.2f}% at step "
-            f"{r['step']}, {r['wall_s']:.0f} s"
-            + (f", attention score {r['score']:.2f}" if "score" in r else ""), flush=True)
+            f"{r['step']}" + (f", {r['wall_s']:.0f} s" if r["wall_s"] else "")
+            + (", attention score {:.2f} / {:.2f}".format(*r["score"]) if "score" in r
+               else ""), flush=True)
   out = table(results, a.inits, a.seeds, not a.noscore)
   pathlib.Path(a.workdir, "table.md").write_text(out + "\n")
   print(out)
