@@ -23,6 +23,14 @@ def _plain(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
+def read_records(workdir: epath.PathLike) -> list[dict[str, Any]]:
+  """A run's metrics.jsonl as written by MetricsWriter, one dict per line ([] if none)."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsWriter:
   """One `write(step, scalars)` per logged step -> TensorBoard + one jsonl line."""
 

@@ -58,16 +58,9 @@ def config_arg(dataset: str, init: str, seed: int, extra: str) -> str:
 
 def final_metrics(workdir) -> dict | None:
   """The last metrics.jsonl record with a test accuracy, or None."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return None
-  last = None
-  for line in path.read_text().splitlines():
-    if line.strip():
-      rec = json.loads(line)
-      if "test/accuracy" in rec:
-        last = rec
-  return last
+  from convstem_jax import metrics  # pylint: disable=g-import-not-at-top
+  return next((r for r in reversed(metrics.read_records(workdir)) if "test/accuracy" in r),
+              None)
 
 
 def attention_score(config, workdir) -> tuple[float, float]:

@@ -16,11 +16,12 @@ A trial counts with its last logged eval; trials that never evaluated or diverge
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Iterable, Sequence
 
 from etils import epath
+
+from convstem_jax import metrics
 
 DELTAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -31,14 +32,8 @@ def final_metric(workdir: epath.PathLike, metric: str = "auto") -> float | None:
   'auto' takes the EMA accuracy of the first eval split when the run logged one, else
   the raw accuracy (`<split>_ema/accuracy`, then `<split>/accuracy`).
   """
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return None
   value = None
-  for line in path.read_text().splitlines():
-    if not line.strip():
-      continue
-    row = json.loads(line)
+  for row in metrics.read_records(workdir):
     key = metric if metric != "auto" else _auto_key(row)
     if key is not None and key in row:
       value = float(row[key])
