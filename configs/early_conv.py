@@ -38,7 +38,7 @@ Expected ImageNet-1k top-1 error (Xiao et al. Table 2, AdamW, 100/200/400 epochs
     P-18GF 19.9/18.4/17.9  C-18GF 18.4/17.5/17.0  P-36GF 19.9/18.8/18.2  C-36GF 18.3/17.6/16.8
 Table 3 (4GF, 50 epochs, AdamW / SGD): P 27.7/33.0, C 24.0/24.7, S1 24.3/25.1,
 S2 24.3/25.3, S3 25.1/26.2, S4 26.2/27.9. We have not run these (no ImageNet here);
-the numbers are the paper's (../shared/reference/papers.md section 1).
+the numbers are the paper's (arXiv 2106.14881, Tables 2 and 3).
 """
 
 import numpy as np
