@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from convstem_jax.models import create_model
 from convstem_jax.models import complexity
 from convstem_jax.models.vit import stack_blocks, unstack_blocks
 from convstem_jax.tools import benchmark
+from stub_util import ensure_importable
 
 TINY = dict(img_size=32, depth=2, width=64, num_heads=2, mlp_dim=128, num_classes=10)
 TINY_FLAGS = ["--model", "vit_ti16", "--batch_size", "8", "--dtype", "float32",
@@ -94,27 +94,11 @@ def test_cli_rejects_unknown_model():
 # ------------------------------------------------------------------------- timm
 
 
-def _ensure_torchvision() -> None:
-  """timm imports torchvision; where it cannot be imported, load the test stand-in."""
-  try:
-    importlib.import_module("torchvision")
-    return
-  except Exception:  # noqa: BLE001 - any failure means "not usable here"
-    for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[mod]
-  stub = Path(__file__).parent / "stubs" / "torchvision"
-  spec = importlib.util.spec_from_file_location(
-      "torchvision", stub / "__init__.py", submodule_search_locations=[str(stub)])
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["torchvision"] = module
-  spec.loader.exec_module(module)
-
-
 @pytest.fixture
 def timm_available():
   if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
     pytest.skip('needs PyTorch and timm: pip install -e ".[parity]"')
-  _ensure_torchvision()
+  ensure_importable("torchvision")
 
 
 def test_timm_models_match_our_architectures(timm_available):

@@ -8,39 +8,20 @@ supplies the names timm's import touches; it is never used for computation.
 import functools
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stub_util import ensure_importable
+
 torch = pytest.importorskip(
     "torch", reason='parity tests need PyTorch (CPU is enough): pip install -e ".[parity]"')
-
-STUBS = Path(__file__).parent / "stubs"
-
-
-def _ensure_importable(name: str) -> None:
-  """Import `name`; if that fails (absent, or e.g. a torchvision built for another
-  torch), load the stand-in package tests/stubs/<name> under that name instead."""
-  try:
-    importlib.import_module(name)
-    return
-  except Exception:  # noqa: BLE001 - any failure means "not usable here"
-    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-      del sys.modules[mod]
-  spec = importlib.util.spec_from_file_location(
-      name, STUBS / name / "__init__.py", submodule_search_locations=[str(STUBS / name)])
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-
 
 _TIMM_REASON = 'parity tests need timm: pip install -e ".[parity]"'
 if importlib.util.find_spec("timm") is None:
   pytest.importorskip("timm", reason=_TIMM_REASON)  # skips: timm is not installed
 # timm is installed: from here on an import error is a real failure, not a skip.
-_ensure_importable("torchvision")
+ensure_importable("torchvision")
 import timm  # noqa: E402
 from timm.layers import HybridEmbed  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
