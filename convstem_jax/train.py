@@ -7,8 +7,8 @@
 Every array in the state is a global `jax.Array` sharded over the mesh, so the same code
 runs on one CPU, a GPU node and a TPU pod slice, and orbax can save it from every host.
 The step is compiled once; the host waits for the device only at log steps.
-`make_init_state`, `make_train_step` and `jit_train_step` build the state and the step;
-`tools/benchmark.py` uses them too, so it times the very step trained here.
+`plan_state`, `make_init_state`, `make_train_step` and `jit_train_step` build the state
+and the step; `tools/benchmark.py` uses them too, so it times the very step trained here.
 """
 
 from __future__ import annotations
@@ -87,6 +87,21 @@ def make_init_state(model, tx: optax.GradientTransformation, use_ema: bool):
     return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
                       ema, state_rng)
   return init_state
+
+
+def plan_state(config, model, mesh, steps_per_epoch: int, total_steps: int):
+  """Everything about the train state before any array exists: (tx, schedule,
+  init_state, abstract_state, state_sharding). jit `init_state` with
+  `out_shardings=state_sharding` for a fresh state, or restore onto the shardings."""
+  init_images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
+  rng = jax.random.PRNGKey(0)  # shapes only
+  abstract_vars = jax.eval_shape(lambda: model.init(rng, init_images))
+  tx, schedule = optim.make_optimizer(config, abstract_vars["params"], steps_per_epoch,
+                                      total_steps)
+  init_state = make_init_state(model, tx, config.get("ema_decay", 0.0) > 0)
+  abstract_state = jax.eval_shape(init_state, rng)
+  state_sharding = shd.state_shardings(abstract_state, mesh, config.get("fsdp", False))
+  return tx, schedule, init_state, abstract_state, state_sharding
 
 
 def make_train_step(config, model, tx: optax.GradientTransformation,
@@ -209,17 +224,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "machinery, not a recipe.")
 
   # ------------------------------------------------- model and optimizer, born sharded
-  init_images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  use_ema = config.get("ema_decay", 0.0) > 0
   root_rng = jax.random.PRNGKey(config.seed)
-
-  abstract_vars = jax.eval_shape(lambda: model.init(root_rng, init_images))
-  tx, schedule = optim.make_optimizer(config, abstract_vars["params"], steps_per_epoch,
-                                      total_steps)
-
-  init_state = make_init_state(model, tx, use_ema)
-  abstract_state = jax.eval_shape(init_state, root_rng)
-  state_sharding = shd.state_shardings(abstract_state, mesh, config.get("fsdp", False))
+  tx, schedule, init_state, abstract_state, state_sharding = plan_state(
+      config, model, mesh, steps_per_epoch, total_steps)
 
   # ---------------------------------------------------------------- update step
   train_step = jit_train_step(make_train_step(config, model, tx, schedule),

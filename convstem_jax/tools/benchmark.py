@@ -179,9 +179,7 @@ def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float
              macs: float) -> dict[str, Timing]:
   """Times the trainer's jitted train step (and the evaluator's step) on `config`."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from convstem_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-  from convstem_jax import optim  # pylint: disable=g-import-not-at-top
   from convstem_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   from convstem_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from convstem_jax.models import model_from_config  # pylint: disable=g-import-not-at-top
@@ -189,15 +187,9 @@ def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float
   model = model_from_config(config)
   mesh = shd.make_mesh(config.get("mesh", ((shd.DATA, -1),)))
   local_bs = shd.local_batch_size(config.batch_size)
-  rng = jax.random.PRNGKey(config.seed)
-  zeros = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  abstract_vars = jax.eval_shape(lambda: model.init(rng, zeros))
-  tx, schedule = optim.make_optimizer(config, abstract_vars["params"],
-                                      config.total_steps, config.total_steps)
-  init_state = train_lib.make_init_state(model, tx, config.get("ema_decay", 0.0) > 0)
-  state_sharding = shd.state_shardings(jax.eval_shape(init_state, rng), mesh,
-                                       config.get("fsdp", False))
-  state = jax.jit(init_state, out_shardings=state_sharding)(rng)
+  tx, schedule, init_state, _, state_sharding = train_lib.plan_state(
+      config, model, mesh, config.total_steps, config.total_steps)
+  state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
 
   # One synthetic batch, resident on the devices for the whole run.
   host = np.random.default_rng(0)
