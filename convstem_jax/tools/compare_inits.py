@@ -90,7 +90,7 @@ def run_one(module, dataset, init, seed, extra, workdir, score: bool) -> dict:
   done = final_metrics(workdir)
   saved = pathlib.Path(workdir) / "compare_inits.json"
   t0 = time.perf_counter()
-  if done is None or done["step"] < _total_steps(config, done):
+  if done is None or done["step"] < _total_steps(config):
     train.train_and_evaluate(config, str(workdir))
     wall = time.perf_counter() - t0
   else:  # finished before: its training time as recorded then, if it was
@@ -106,13 +106,14 @@ def run_one(module, dataset, init, seed, extra, workdir, score: bool) -> dict:
   return out
 
 
-def _total_steps(config, rec) -> int:
-  # Without the data source's size, only a steps-based config tells its length; an
-  # epochs-based run is taken as finished once it has a final eval record that the
-  # trainer wrote on its last step, i.e. a checkpoint at that step exists.
+def _total_steps(config) -> int:
+  """The run's length as the trainer computes it (epochs need the data source's size)."""
+  from convstem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from convstem_jax import train  # pylint: disable=g-import-not-at-top
   if config.total_steps:
     return int(config.total_steps)
-  return int(rec["step"])
+  source = data_lib.get_source(config, config.get("train_split", "train"))
+  return train.steps_for(config, max(1, source.num_examples // config.batch_size))
 
 
 def spread(values):
