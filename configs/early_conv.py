@@ -44,6 +44,7 @@ the numbers are the paper's (arXiv 2106.14881, Tables 2 and 3).
 import numpy as np
 
 from convstem_jax import config as common
+from convstem_jax import errors
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -98,14 +99,14 @@ def get_sweep(arg=None) -> list[dict]:
   """The stability sweep as config overrides: [{'trial': 0, 'lr': ..., 'weight_decay': ...}]."""
   a = common.parse_arg(arg, opt="adamw")
   if a.opt not in SEARCH_SPACE:
-    raise ValueError(f"Unknown opt '{a.opt}'; valid: {', '.join(SEARCH_SPACE)}.")
+    raise errors.UserError(f"Unknown opt '{a.opt}'; valid: {', '.join(SEARCH_SPACE)}.")
   return [dict(trial=i, **t) for i, t in enumerate(_trials(a.opt))]
 
 
 def lr_wd(model: str, opt: str, hp: str, trial: int) -> tuple[float, float]:
   if trial >= 0:
     if trial >= NUM_TRIALS:
-      raise ValueError(f"trial={trial} is out of range; the sweep has trials 0..{NUM_TRIALS - 1}.")
+      raise errors.UserError(f"trial={trial} is out of range; the sweep has trials 0..{NUM_TRIALS - 1}.")
     t = _trials(opt)[trial]
     return t["lr"], t["weight_decay"]
   base = TABLE4_FALLBACK.get(model, model)
@@ -114,7 +115,7 @@ def lr_wd(model: str, opt: str, hp: str, trial: int) -> tuple[float, float]:
       return RECIPE_36GF_ADAMW if base.endswith("36gf") else RECIPE_ADAMW
     return TABLE4["adamw"][base]
   if hp == "recipe":
-    raise ValueError("hp=recipe is the AdamW recipe; SGD runs use Table 4 (hp=table4).")
+    raise errors.UserError("hp=recipe is the AdamW recipe; SGD runs use Table 4 (hp=table4).")
   return TABLE4["sgd"][base.replace("36gf", "18gf")]
 
 
@@ -122,11 +123,11 @@ def get_config(arg=None):
   a = common.parse_arg(arg, model="vitc_4gf", opt="adamw", epochs=0, hp="table4", trial=-1,
                        runlocal=False)
   if a.model not in MODELS:
-    raise ValueError(f"Unknown model '{a.model}'; valid: {', '.join(MODELS)}.")
+    raise errors.UserError(f"Unknown model '{a.model}'; valid: {', '.join(MODELS)}.")
   if a.opt not in TABLE4:
-    raise ValueError(f"Unknown opt '{a.opt}'; valid: {', '.join(TABLE4)}.")
+    raise errors.UserError(f"Unknown opt '{a.opt}'; valid: {', '.join(TABLE4)}.")
   if a.hp not in ("table4", "recipe"):
-    raise ValueError(f"Unknown hp '{a.hp}'; valid: table4, recipe.")
+    raise errors.UserError(f"Unknown hp '{a.hp}'; valid: table4, recipe.")
   epochs = a.epochs or (50 if a.trial >= 0 or a.model in ABLATIONS else 100)
 
   c = common.base_config()
@@ -147,16 +148,16 @@ def get_config(arg=None):
   c.wd_posemb = c.wd_cls = True  # pycls decays all but biases and norm gains
   # Augmentation: inception crop, flip, AutoAugment, PCA lighting 0.1; mixup 0.8 or
   # CutMix 1.0, one per batch; label smoothing 0.1.
-  c.pp_train = "inception_crop(224)|flip_lr|autoaug|pca_lighting(0.1)|normalize"
-  c.pp_eval = "decode|resize_small(256)|central_crop(224)|normalize"
+  c.pp_train = "inception_crop({size})|flip_lr|autoaug|pca_lighting(0.1)|normalize"
+  c.pp_eval = "decode|resize_small({eval_resize})|central_crop({size})|normalize"
   c.mixup_alpha, c.cutmix_alpha, c.mixup_switch_prob = 0.8, 1.0, 0.5
   c.label_smoothing = 0.1
   # EMA as pycls (EMA_ALPHA 1e-5, EMA_UPDATE_PERIOD 32): every 32 steps it mixes in
   # alpha = 1e-5 * batch / epochs * 32 of the model; we update every step with the same
-  # rate per step, and copy the model during the warmup epochs as pycls does.
-  alpha = min(1.0, 1e-5 * c.batch_size / epochs * 32)
-  c.ema_decay = (1.0 - alpha) ** (1 / 32)
-  c.ema_copy_steps = int(5 * IMAGENET_TRAIN_IMAGES // c.batch_size)
+  # rate per step (derived when the run starts, so it follows --config.batch_size), and
+  # copy the model during the warmup epochs as pycls does.
+  c.ema_pycls_alpha, c.ema_pycls_period = 1e-5, 32
+  c.ema_copy_epochs = 5.0
   c.precise_bn_images = 8192  # BN statistics recomputed before each eval, as pycls
   if a.runlocal:
     common.apply_runlocal(c)
@@ -165,6 +166,7 @@ def get_config(arg=None):
     c.lr = 1e-3 if a.opt == "adamw" else 0.1
     c.schedule.per_epoch = False
     c.mixup_alpha = c.cutmix_alpha = 0.0
+    c.ema_pycls_alpha, c.ema_copy_epochs = 0.0, 0.0
     c.ema_decay, c.ema_copy_steps = 0.9, 5
     c.precise_bn_images = 64
   return c

@@ -55,9 +55,9 @@ def get_config(arg=None):
   c.model_name = "vitc_1gf"
   c.model.update(stem=stem, patch_size=patch, depth=a.depth, dtype="float32")
   flip = "|flip_lr" if a.flip else ""
-  c.pp_train = (f"decode|inception_crop({size}, area_min=0.65, ratio_min=0.8, "
+  c.pp_train = ("decode|inception_crop({size}, area_min=0.65, ratio_min=0.8, "
                 f"ratio_max=1.25){flip}|value_range(-1, 1)")
-  c.pp_eval = f"decode|resize({size})|value_range(-1, 1)"
+  c.pp_eval = "decode|resize({size})|value_range(-1, 1)"
   c.data_threads = 0
   c.batch_size = c.eval_batch_size = 64
   c.total_steps, c.total_epochs = 0, 30.0
@@ -74,7 +74,7 @@ def get_config(arg=None):
       common.apply_runlocal(c, image_size=size)
     c.model.depth = 2
     c.batch_size = c.eval_batch_size = 16
-    c.total_steps = 50
+    c.total_steps, c.total_epochs = 50, 0.0
     c.log_every_steps = 10
     c.eval_every_epochs = 0.0
     c.checkpoint_every_steps, c.checkpoint_every_epochs = 25, 0.0

@@ -48,6 +48,7 @@ impulse3_closed, within the seed spread of each other (docs/structured_init.md).
 """
 
 from convstem_jax import config as common
+from convstem_jax import errors
 
 INITS = ("default", "mimetic", "impulse3", "impulse5", "impulse3_closed",
          "impulse5_closed")
@@ -68,9 +69,9 @@ def get_config(arg=None):
   a = common.parse_arg(arg, dataset="cifar10", init="default", seed=0, epochs=200,
                        depth=0, steps=0, batch=0, cpu=False, runlocal=False)
   if a.dataset not in DATASETS:
-    raise ValueError(f"Unknown dataset '{a.dataset}'; valid: {', '.join(DATASETS)}.")
+    raise errors.UserError(f"Unknown dataset '{a.dataset}'; valid: {', '.join(DATASETS)}.")
   if a.init not in INITS:
-    raise ValueError(f"Unknown init '{a.init}'; valid: {', '.join(INITS)}.")
+    raise errors.UserError(f"Unknown init '{a.init}'; valid: {', '.join(INITS)}.")
   preset = CPU if a.cpu else dict(depth=12, batch=512, steps=0)
   depth = a.depth or preset["depth"]
   batch = a.batch or preset["batch"]
@@ -87,12 +88,11 @@ def get_config(arg=None):
   # Augmentation: no crop (CIFAR / SVHN are 32 px already; ELPV's 300 px cells are
   # resized whole), flip, RandAugment (uint8 [0, 255] in and out), then normalise.
   norm = f"normalize(mean={mean}, std={std})"
-  c.pp_train = f"decode|resize(32)|flip_lr|randaug(2, 9, 0.5)|{norm}"
-  c.pp_eval = f"decode|resize(32)|{norm}"
+  c.pp_train = f"decode|resize({{size}})|flip_lr|randaug(2, 9, 0.5)|{norm}"
+  c.pp_eval = f"decode|resize({{size}})|{norm}"
   c.batch_size = c.eval_batch_size = batch
 
-  c.total_epochs = float(a.epochs)
-  c.total_steps = steps
+  c.total_epochs, c.total_steps = (0.0, steps) if steps else (float(a.epochs), 0)
   c.optimizer = "adamw"
   c.optimizer_kw.eps = 1e-3
   c.lr, c.lr_batch_base, c.weight_decay = 1e-3, 0, 0.01
@@ -101,6 +101,7 @@ def get_config(arg=None):
                     warmup_init=1e-3, decay="cosine", end_lr=1e-6)
   if steps:  # same warmup share as 10 of 200 epochs
     c.schedule.warmup_steps = max(1, round(steps * WARMUP_EPOCHS / 200))
+    c.schedule.warmup_epochs = 0.0
   c.grad_clip_norm = 3.0
   c.label_smoothing = 0.1
   c.mixup_alpha = c.cutmix_alpha = 0.0
@@ -113,7 +114,7 @@ def get_config(arg=None):
 
   if a.cpu:
     # ~4 epochs: the model underfits, so RandAugment (a regulariser) is left out.
-    c.pp_train = f"decode|resize(32)|flip_lr|{norm}"
+    c.pp_train = f"decode|resize({{size}})|flip_lr|{norm}"
     # One eval and one checkpoint, at the end (the trainer always does both there).
     c.eval_every_epochs = c.checkpoint_every_epochs = 0.0
     c.log_every_steps = 40
@@ -123,8 +124,7 @@ def get_config(arg=None):
     common.apply_runlocal(c, image_size=16)
     if dataset == "elpv":
       c.dataset, c.num_classes = "elpv", 4
-    c.pp_train = f"decode|resize(16)|flip_lr|randaug(2, 9, 0.5)|{norm}"
-    c.pp_eval = f"decode|resize(16)|{norm}"
+    c.pp_train = f"decode|resize({{size}})|flip_lr|randaug(2, 9, 0.5)|{norm}"
     c.total_epochs = 0.0
     c.total_steps = a.steps or c.total_steps
   return c

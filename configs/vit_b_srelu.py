@@ -16,6 +16,7 @@ because no ImageNet is on a laptop: it checks the machinery, not the recipe.
 """
 
 from convstem_jax import config as common
+from convstem_jax import errors
 
 VARIANTS = {"ti": "vit_ti16", "s": "vit_s16", "b": "vit_b16"}
 
@@ -24,7 +25,7 @@ def get_config(arg=None):
   a = common.parse_arg(arg, variant="b", stem="srelu", epochs=300, runlocal=False)
   c = common.base_config()
   if a.variant not in VARIANTS:
-    raise ValueError(f"Unknown variant '{a.variant}'; valid: {', '.join(VARIANTS)}.")
+    raise errors.UserError(f"Unknown variant '{a.variant}'; valid: {', '.join(VARIANTS)}.")
   c.model_name = VARIANTS[a.variant]
   # DeiT recipe (papers.md section 4).
   c.model.update(stem=a.stem, dtype="bfloat16", drop_path=0.1, init_style="jax")
@@ -37,9 +38,9 @@ def get_config(arg=None):
   c.label_smoothing = 0.1
   c.ema_decay = 0.99996
   # DeiT augmentation (bilinear where DeiT resizes bicubically).
-  c.pp_train = ("inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize|"
+  c.pp_train = ("inception_crop({size})|flip_lr|randaug(2, 9, 0.5)|normalize|"
                 "random_erasing(0.25)")
-  c.pp_eval = "decode|resize_small(256)|central_crop(224)|normalize"
+  c.pp_eval = "decode|resize_small({eval_resize})|central_crop({size})|normalize"
   c.mixup_alpha, c.cutmix_alpha = 0.8, 1.0
   c.repeated_aug = 3
   c.batch_size = c.eval_batch_size = 1024

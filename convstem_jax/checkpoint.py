@@ -3,9 +3,14 @@
 Layout: `<workdir>/checkpoints/<step>/{model, train}`. `model` holds what evaluation
 needs (params, batch_stats, ema); `train` the rest of the run (step, opt_state,
 rng). Saving is asynchronous and committed atomically by orbax, so a preempted save
-leaves the previous checkpoint intact. Restores always target abstract arrays carrying
-the *current* shardings, so a run saved on 8 devices resumes on 4, or on another host
-count.
+leaves the previous checkpoint intact; leftover `<step>.orbax-checkpoint-tmp-*` directories of an
+interrupted save are never counted as steps (and are removed when a manager that writes
+starts). Restores always target abstract arrays carrying the *current* shardings, so a
+run saved on 8 devices resumes on 4, or on another host count. Before any array is read,
+names and shapes are checked against the checkpoint's metadata: a checkpoint of another
+model is the user's mistake (`CheckpointMismatchError`), one whose files do not read back
+is damaged (`DamagedCheckpointError`); a resuming run skips damaged ones
+(`restore_newest_readable`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,17 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from convstem_jax import errors
+
 MODEL_KEYS = ("params", "batch_stats", "ema")
+
+
+class CheckpointMismatchError(errors.UserError):
+  """The checkpoint holds another model or optimizer than the config builds."""
+
+
+class DamagedCheckpointError(errors.UserError):
+  """The checkpoint's files do not read back (truncated, corrupted or missing)."""
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -46,7 +61,8 @@ class Checkpointer:
         self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             save_interval_steps=0 if read_only else 1, create=not read_only,
-            read_only=read_only, enable_async_checkpointing=True))
+            read_only=read_only, enable_async_checkpointing=True,
+            cleanup_tmp_directories=not read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -62,30 +78,88 @@ class Checkpointer:
         model=ocp.args.PyTreeSave(model), train=ocp.args.PyTreeSave(rest)))
 
   def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
-    """The whole train state, onto the shardings of `abstract_state`."""
+    """The whole train state, onto the shardings of `abstract_state`.
+
+    Raises `CheckpointMismatchError` for a checkpoint of another model or optimizer,
+    `DamagedCheckpointError` for one whose files do not read back.
+    """
     model = {k: abstract_state[k] for k in MODEL_KEYS}
     rest = {k: v for k, v in abstract_state.items() if k not in MODEL_KEYS}
-    self._check_model_shapes(step, model)
-    with self._explain_mismatch(step):
+    self._check_shapes(step, "model", model)
+    self._check_shapes(step, "train", rest)
+    with self._damaged_if_unreadable(step):
       out = self.manager.restore(step, args=ocp.args.Composite(
           model=_restore_args(model), train=_restore_args(rest)))
     return {**out["model"], **out["train"]}
 
+  def restore_newest_readable(self, abstract_state: dict[str, Any]
+                              ) -> tuple[int, dict[str, Any]] | None:
+    """(step, state) of the newest checkpoint that reads back whole; None if there is none.
+
+    A damaged checkpoint is reported by name and moved aside to `<step>.damaged` (kept
+    for inspection, never deleted, and out of the way of the resumed run's own save of
+    that step); then the next older one is tried. A checkpoint of another model is the
+    user's mistake and stops the run.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state)
+      except DamagedCheckpointError as e:
+        logging.warning("%s; trying the next older checkpoint.", e)
+        damaged.append(self.set_aside(step))
+    if damaged:
+      raise DamagedCheckpointError(
+          f"No readable checkpoint in {self.directory}: every one was damaged (moved aside "
+          f"to {', '.join(damaged)}); restore them from a copy, or start over with a new "
+          "--workdir.")
+    return None
+
+  def set_aside(self, step: int) -> str:
+    """Renames checkpoint `step` to `<step>.damaged[.N]` (process 0); returns the name."""
+    source = self.directory / str(step)
+    name, n = f"{step}.damaged", 1
+    while (self.directory / name).exists():
+      n += 1
+      name = f"{step}.damaged.{n}"
+    if jax.process_index() == 0:
+      source.rename(self.directory / name)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self.manager.reload()
+    return name
+
   def restore_model(self, step: int, abstract_model: dict[str, Any]) -> dict[str, Any]:
     """Only the model part (params, batch_stats, ema, or a subset)."""
-    self._check_model_shapes(step, abstract_model)
-    with self._explain_mismatch(step):
+    self._check_shapes(step, "model", abstract_model)
+    with self._damaged_if_unreadable(step):
       return self.manager.restore(step, args=ocp.args.Composite(
           model=_restore_args(abstract_model)))["model"]
 
-  def _check_model_shapes(self, step: int, abstract_model: dict[str, Any]) -> None:
-    """Compares shapes with the checkpoint's metadata before reading any array.
+  def _metadata(self, step: int, item: str):
+    """The stored tree of `item` ('model' or 'train'), without reading any array."""
+    try:
+      meta = self.manager.item_metadata(step)[item]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(self._damage(step, e)) from e
+    tree = getattr(meta, "tree", meta)
+    if not tree:  # e.g. its _METADATA file is gone
+      raise DamagedCheckpointError(self._damage(step, f"no metadata for '{item}'"))
+    return tree
+
+  def _damage(self, step: int, why) -> str:
+    why = str(why).strip().splitlines()[0][:160] if str(why).strip() else type(why).__name__
+    return f"Checkpoint {self.directory / str(step)} is damaged ({why})"
+
+  def _check_shapes(self, step: int, item: str, wanted_tree: dict[str, Any]) -> None:
+    """Compares names and shapes with the checkpoint's metadata before reading arrays.
 
     A restore that fails half-way leaves orbax's reader threads printing tracebacks, and a
     partial restore would silently leave new parameters abstract; both are caught here.
     """
-    stored = _flat_shapes(self.model_shapes(step))
-    wanted = _flat_shapes(abstract_model)
+    stored = _flat_shapes(self._metadata(step, item))
+    wanted = _flat_shapes(wanted_tree)
     for key in sorted(wanted, key=lambda k: (k[0] != "params", k)):  # params first
       shape = wanted[key]
       name = "/".join(key)
@@ -95,32 +169,23 @@ class Checkpointer:
         what = f"it stores '{name}' as {stored[key]} where this config has {shape}"
       else:
         continue
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"Checkpoint {step} in {self.manager.directory} was written by a different "
-          f"model than this config builds ({what}); use a new --workdir for a new model, "
-          f"or the config the run was started with (saved as config.json in the "
-          f"workdir).")
+          f"model or optimizer than this config builds ({what}); use a new --workdir for "
+          "a new model, or the config the run was started with (saved as config.json in "
+          "the workdir).")
 
   @contextlib.contextmanager
-  def _explain_mismatch(self, step: int):
-    """orbax's shape/structure errors suggest restore flags; say what really happened."""
+  def _damaged_if_unreadable(self, step: int):
+    """Names and shapes were checked against the metadata: a failure now is damage."""
     try:
       yield
-    except (ValueError, KeyError) as e:
-      text = str(e)
-      if not any(w in text for w in ("shape", "structure", "not found", "missing")):
-        raise
-      raise ValueError(
-          f"Checkpoint {step} in {self.manager.directory} does not match the state this "
-          f"config builds ({text.splitlines()[0][:120]}...); use a new --workdir, or "
-          f"the config the run was started with (saved as config.json in the "
-          f"workdir).") from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(self._damage(step, e)) from e
 
   def model_shapes(self, step: int) -> dict[str, Any]:
     """Shapes of the saved model part, without reading any array."""
-    meta = self.manager.item_metadata(step)["model"]
-    tree = getattr(meta, "tree", meta)
-    return jax.tree.map(lambda m: tuple(m.shape), tree,
+    return jax.tree.map(lambda m: tuple(m.shape), self._metadata(step, "model"),
                         is_leaf=lambda m: hasattr(m, "shape"))
 
   def wait(self) -> None:
@@ -133,10 +198,19 @@ class Checkpointer:
 
 def _flat_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{('params', 'block_0', ...): shape} for arrays, abstract arrays or orbax metadata."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") or isinstance(x, tuple))[0]
-  return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+  def is_leaf(x):  # an array, its metadata, or a shape tuple (not an optax NamedTuple)
+    return hasattr(x, "shape") or (type(x) is tuple and all(isinstance(d, int) for d in x))
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {tuple(_key(k) for k in path):
           tuple(getattr(leaf, "shape", leaf)) for path, leaf in leaves}
+
+
+def _key(entry) -> str:
+  """A path entry as stored in orbax metadata: dict key, list index or field name."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
 
 
 def resolve(path_or_workdir: str, step: int | None = None) -> tuple[Checkpointer, int]:
@@ -151,17 +225,18 @@ def resolve(path_or_workdir: str, step: int | None = None) -> tuple[Checkpointer
   elif path.name == "checkpoints":
     path = path.parent
   if not checkpoint_dir(str(path)).exists():
-    raise FileNotFoundError(f"No checkpoints under {path}; pass a workdir that a training "
-                            "run wrote, or its checkpoints/<step> directory.")
+    raise errors.MissingInputError(
+        f"No checkpoints under {path}; pass a workdir that a training run wrote, or its "
+        "checkpoints/<step> directory.")
   ckpt = Checkpointer(str(path), read_only=True)
   steps = ckpt.all_steps()
   if not steps:
-    raise FileNotFoundError(f"{ckpt.directory} holds no finished checkpoint; train first "
-                            "or point at another run.")
+    raise errors.MissingInputError(f"{ckpt.directory} holds no finished checkpoint; train "
+                                   "first or point at another run.")
   if step is None:
     step = max(steps)
   elif step not in steps:
-    raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
-                            f"available steps: {steps}.")
+    raise errors.MissingInputError(f"No checkpoint for step {step} in {ckpt.directory}; "
+                                   f"available steps: {steps}.")
   logging.info("Using checkpoint %s/%d", ckpt.directory, step)
   return ckpt, step

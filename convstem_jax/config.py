@@ -1,12 +1,21 @@
 """The config contract: the base config every experiment in configs/ extends.
 
 Each field of `base_config()` is read by the trainer (train.py, optim.py, evaluate.py);
-an experiment file (configs/<name>.py) builds on it with `get_config(arg)`. Durations
-come as steps or epochs; `total_steps` wins when set, so `--config.total_steps=N` always
-works.
+an experiment file (configs/<name>.py) builds on it with `get_config(arg)`. Each default
+lives here and nowhere else: code that reads a field falls back to `default(name)`.
+
+Durations and cadences come as a pair, `<name>_steps` or `<name>_epochs` (0 = unset /
+never): `total`, `eval_every`, `checkpoint_every`, `ema_copy` and `schedule.warmup`.
+Setting both of a pair is an error (`duration`), never a silent choice; on the command
+line, giving one unit (`--config.checkpoint_every_epochs=1`) clears the other
+(`main.py`), so an override always means what it says. Values derived from other
+fields (steps per epoch, the EMA rate of a batch size, the preprocessing's image size)
+are computed where the run starts, so they follow command-line overrides.
 """
 
 import ml_collections
+
+from convstem_jax import errors
 
 
 def parse_arg(arg, **defaults):
@@ -18,14 +27,53 @@ def parse_arg(arg, **defaults):
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"Unknown config argument '{key}'; valid: {', '.join(defaults)}.")
+      raise errors.UserError(f"Unknown config argument '{key}'; valid: {', '.join(defaults)}.")
     if not eq:
       out[key] = True
     elif isinstance(defaults[key], bool):
       out[key] = value.lower() in ("1", "true", "yes")
     else:
-      out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+      try:
+        out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+      except ValueError:
+        raise errors.UserError(
+            f"Config argument {key}={value} is not a valid {type(defaults[key]).__name__} "
+            f"(default {defaults[key]!r}).") from None
   return out
+
+
+# (container, name) of every steps/epochs pair; container '' is the config itself.
+DURATIONS = (("", "total"), ("", "eval_every"), ("", "checkpoint_every"),
+             ("", "ema_copy"), ("schedule", "warmup"))
+
+
+def duration(node, name: str, steps_per_epoch: int, where: str = "") -> int:
+  """`<name>_steps` or `<name>_epochs` of a config node, in steps (0 = unset / never).
+
+  Epochs round to the nearest step, at least 1. Both set is a mistake, not a precedence.
+  """
+  steps = int(node.get(f"{name}_steps", 0) or 0)
+  epochs = float(node.get(f"{name}_epochs", 0.0) or 0.0)
+  prefix = f"{where}." if where else ""
+  if steps < 0 or epochs < 0:
+    raise errors.UserError(f"config.{prefix}{name}_steps / _epochs must not be negative "
+                           f"(got {steps} / {epochs}).")
+  if steps and epochs:
+    raise errors.UserError(
+        f"config.{prefix}{name}_steps={steps} and config.{prefix}{name}_epochs={epochs} "
+        f"are both set; keep one and set the other to 0 (e.g. "
+        f"--config.{prefix}{name}_epochs=0).")
+  if steps:
+    return steps
+  return max(1, int(round(epochs * steps_per_epoch))) if epochs else 0
+
+
+def default(name: str):
+  """The base config's value of a field (for code given a partial config)."""
+  node = base_config()
+  for part in name.split("."):
+    node = node[part]
+  return node
 
 
 def base_config():
@@ -73,14 +121,18 @@ def base_config():
   c.lr_batch_base = 512           # lr scales with batch_size / lr_batch_base (0 = off)
   c.schedule = ml_collections.ConfigDict(dict(
       warmup_steps=0, warmup_epochs=5.0, warmup_init=0.0, decay="cosine",
-      end_factor=0.0, end_lr=0.0, per_epoch=False))
+      end_factor=0.0,           # floor = end_factor x lr ...
+      end_lr=ml_collections.config_dict.placeholder(float),  # ... unless end_lr is set
+      per_epoch=False))
   c.weight_decay = 0.05
   c.mu_dtype = ml_collections.config_dict.placeholder(str)  # e.g. 'bfloat16': Adam's
                                   # first moment / SGD momentum (None = params' dtype)
-  c.wd_posemb = False             # decay the position embedding / class token?
-  c.wd_cls = False
+  c.wd_posemb = False             # decay the position embedding / class token? (DeiT
+  c.wd_cls = False                # and timm: no; pycls: yes)
   c.grad_clip_norm = 0.0
-  c.grad_accum_steps = 1          # micro-batches per step (same global batch)
+  c.grad_accum_steps = 1          # micro-batches per step (same global batch). Not neutral
+                                  # for BatchNorm models: each micro-batch is normalised
+                                  # with its own statistics (train.make_train_step)
   c.label_smoothing = 0.1
   # Mixup / CutMix, on device in the train step (convstem_jax/data/mixup.py, timm's
   # Mixup(mode='batch')): one draw per global batch, mixed with the reversed batch.
@@ -89,10 +141,18 @@ def base_config():
   c.cutmix_alpha = 0.0            # Beta(a, a) for CutMix's lam (0 = no CutMix)
   c.mixup_switch_prob = 0.5       # both on: chance a batch uses CutMix instead of mixup
   c.mixup_prob = 1.0              # chance a batch is mixed at all
-  c.ema_decay = 0.0               # 0 = no EMA weights
+  # EMA weights (optim.ema_schedule). Either a fixed decay per step, or pycls's rate:
+  # every ema_pycls_period steps mix in alpha = ema_pycls_alpha x batch_size / epochs x
+  # period, as a per-step decay computed when the run starts (it follows batch_size).
+  c.ema_decay = 0.0               # 0 = no EMA weights (unless ema_pycls_alpha is set)
+  c.ema_pycls_alpha = 0.0         # pycls EMA_ALPHA (1e-5 in its ViT configs); 0 = off
+  c.ema_pycls_period = 32         # pycls EMA_UPDATE_PERIOD
+  c.ema_warmup = False            # decay min(decay, (1 + step) / (10 + step)) (timm, TF)
+  c.ema_copy_steps = 0            # the EMA copies the model before this step (pycls: the
+  c.ema_copy_epochs = 0.0         # warmup epochs); steps or epochs
   c.precise_bn_images = 0         # recompute BN statistics on N train images before eval
   # Where it runs.
-  c.mesh = (("data", -1),)
+  c.mesh = (("data", -1),)        # the only axis implemented; weights shard with fsdp
   c.fsdp = False
   c.init_from = ""                # another run's workdir or checkpoint path
   c.profile_steps = ()            # (first step, number of steps) to trace on host 0
@@ -112,11 +172,11 @@ def apply_runlocal(c, *, image_size=32, batch_size=16):
   c.batch_size = c.eval_batch_size = batch_size
   c.synthetic_train_examples = 50 * batch_size
   c.synthetic_eval_examples = 100
-  c.total_steps = 50
+  c.total_steps, c.total_epochs = 50, 0.0
   c.log_every_steps = 10
   c.eval_every_steps = 0
   c.eval_every_epochs = 0.0
-  c.checkpoint_every_steps = 25
-  c.schedule.warmup_steps = 5
+  c.checkpoint_every_steps, c.checkpoint_every_epochs = 25, 0.0
+  c.schedule.warmup_steps, c.schedule.warmup_epochs = 5, 0.0
   c.model.depth = 2
   return c

@@ -2,7 +2,8 @@
 
 Eval batches are padded to whole batches with a mask on every host, so each example of
 a split counts exactly once whatever the host count or batch size. Sums (loss, top-1,
-top-5, count) accumulate on the device and are read once per split.
+top-5, count) accumulate on the device and are read once per split. Top-5 is reported
+only with more than 5 classes (with 5 or fewer it is always 1.0 and says nothing).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import traverse_util
 
 from convstem_jax import checkpoint as ckpt_lib
 from convstem_jax import data as data_lib
+from convstem_jax import errors
 from convstem_jax import sharding as shd
 from convstem_jax.models import model_from_config
 from convstem_jax.models.stems import BatchNorm
@@ -28,11 +30,13 @@ from convstem_jax.models.stems import BatchNorm
 def _sums(logits, labels, mask):
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   loss = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-  return {"loss": jnp.sum(loss * mask),
-          "accuracy": jnp.sum((top5[:, 0] == labels) * mask),
-          "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+  sums = {"loss": jnp.sum(loss * mask),
+          "accuracy": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
           "count": jnp.sum(mask)}
+  if logits.shape[-1] > 5:
+    top5 = jax.lax.top_k(logits, 5)[1]
+    sums["top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask)
+  return sums
 
 
 def make_eval_step(model):
@@ -50,7 +54,7 @@ class Evaluator:
 
   def __init__(self, config, model, mesh, train_source=None):
     self.config, self.model, self.mesh = config, model, mesh
-    self.splits = tuple(config.get("eval_splits", ("test",)))
+    self.splits = tuple(config.eval_splits)
     self.sources = {s: data_lib.get_source(config, s) for s in self.splits}
     self.local_bs = shd.local_batch_size(config.get("eval_batch_size", config.batch_size))
     self.train_source = train_source
@@ -128,7 +132,7 @@ def load_init_from(path: str, state, state_sharding):
     for key, leaf in traverse_util.flatten_dict(getattr(state, part)).items():
       name, shape = "/".join((part, *key)), saved_shapes.get(key)
       if shape is not None and tuple(shape) != leaf.shape and key[0] != "head":
-        raise ValueError(
+        raise errors.UserError(
             f"init_from: {name} has shape {tuple(shape)} in {path} but {leaf.shape} here; "
             "only the head may differ (same model, other classes).")
       if shape is None or tuple(shape) != leaf.shape:
@@ -156,7 +160,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str,
     ckpt, step = ckpt_lib.resolve(workdir, int(checkpoint))
   else:
     ckpt, step = ckpt_lib.resolve(checkpoint or workdir)
-  mesh = shd.make_mesh(config.get("mesh", ((shd.DATA, -1),)))
+  mesh = shd.make_mesh(config.mesh)
   model = model_from_config(config)
   x = jnp.zeros((1, model.img_size, model.img_size, 3))
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))

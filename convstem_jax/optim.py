@@ -11,6 +11,8 @@ Conventions (the trainer relies on them):
 - Gradient accumulation (`config.grad_accum_steps`) happens inside the train step: the
   step's global batch is split into micro-batches whose gradients are averaged, so one
   step is still one update on `config.batch_size` examples and nothing here changes.
+  The model is not always the same function, though: BatchNorm normalises each
+  micro-batch with that micro-batch's statistics (see `train.make_train_step`).
 
 Recipes (../shared/reference/papers.md): conv-stem paper / pycls (section 1): AdamW
 (0.9, 0.999), lr 1e-3 per 2048 images, wd 0.24 on everything but biases and norm gains,
@@ -27,6 +29,9 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+
+from convstem_jax import config as config_lib
+from convstem_jax import errors
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 DECAYS = ("cosine", "linear", "constant")
@@ -47,6 +52,8 @@ def _get(cfg, key: str, default):
 def base_lr(config) -> float:
   """config.lr, scaled linearly by config.batch_size / config.lr_batch_base if set."""
   lr = float(config.lr)
+  if lr < 0:
+    raise errors.UserError(f"config.lr is {lr}; a learning rate must not be negative.")
   batch_base = _get(config, "lr_batch_base", 0)
   if batch_base:
     lr = lr * int(config.batch_size) / float(batch_base)
@@ -59,8 +66,8 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
   Reads `config.lr`, `config.lr_batch_base` / `config.batch_size` (see `base_lr`) and
   `config.schedule.{warmup_steps, warmup_epochs, warmup_init, decay, end_factor, end_lr,
   per_epoch}`. With lr the (scaled) base lr, init = warmup_init * lr, floor = end_lr if
-  set else end_factor * lr, W the warmup steps (warmup_steps if > 0, else warmup_epochs
-  * steps_per_epoch) and T = total_steps:
+  set (not None) else end_factor * lr, W the warmup steps (warmup_steps, or
+  warmup_epochs * steps_per_epoch; not both) and T = total_steps:
 
   per_epoch=False (lr changes every step):
     step < W:  init + (lr - init) * step / W                      (linear warmup)
@@ -82,18 +89,17 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
   """
   sched = config.get("schedule", None)
   lr = base_lr(config)
-  warmup_steps = int(_get(sched, "warmup_steps", 0))
-  if warmup_steps <= 0:
-    warmup_steps = int(round(float(_get(sched, "warmup_epochs", 0)) * steps_per_epoch))
+  warmup_steps = config_lib.duration(sched, "warmup", steps_per_epoch, "schedule") \
+      if sched is not None else 0
   warmup_init = float(_get(sched, "warmup_init", 0.0))
   decay = _get(sched, "decay", "cosine")
   if decay not in DECAYS:
-    raise ValueError(f"Unknown schedule.decay '{decay}'; valid: {', '.join(DECAYS)}.")
+    raise errors.UserError(f"Unknown schedule.decay '{decay}'; valid: {', '.join(DECAYS)}.")
   end_lr = _get(sched, "end_lr", None)
   floor = float(end_lr) if end_lr is not None else float(_get(sched, "end_factor", 0.0)) * lr
   per_epoch = bool(_get(sched, "per_epoch", False))
   if total_steps <= 0 or steps_per_epoch <= 0:
-    raise ValueError(f"Need total_steps > 0 and steps_per_epoch > 0, got {total_steps} "
+    raise errors.UserError(f"Need total_steps > 0 and steps_per_epoch > 0, got {total_steps} "
                      f"and {steps_per_epoch}.")
   init = warmup_init * lr
 
@@ -145,13 +151,13 @@ def decay_mask(params, config=None):
 
   No decay on biases and normalisation parameters: any leaf named `bias` or `scale`
   (LayerNorm, BatchNorm) and any leaf with fewer than 2 dims. Kernels and embeddings
-  are decayed, except that `pos_embedding` follows `config.wd_posemb` (default True)
-  and the class token `cls` follows `config.wd_cls` (default True): pycls decays both,
-  DeiT / timm do not. Decided by the path's names, so it works for any flax model (and
+  are decayed, except that `pos_embedding` follows `config.wd_posemb` and the class
+  token `cls` follows `config.wd_cls` (defaults: the base config's, no decay): pycls
+  decays both, DeiT / timm do not. Decided by the path's names, so it works for any flax model (and
   on `jax.eval_shape` outputs); a trailing `value` (boxed params) is skipped.
   """
-  wd_posemb = bool(_get(config, "wd_posemb", True))
-  wd_cls = bool(_get(config, "wd_cls", True))
+  wd_posemb = bool(_get(config, "wd_posemb", config_lib.default("wd_posemb")))
+  wd_cls = bool(_get(config, "wd_cls", config_lib.default("wd_cls")))
 
   def decide(path, leaf) -> bool:
     names = [_key_name(p) for p in path]
@@ -199,7 +205,7 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
   mu_dtype = _get(config, "mu_dtype", None)
   if mu_dtype is not None:
     if mu_dtype not in _DTYPES:
-      raise ValueError(f"Unknown mu_dtype '{mu_dtype}'; valid: {', '.join(_DTYPES)}.")
+      raise errors.UserError(f"Unknown mu_dtype '{mu_dtype}'; valid: {', '.join(_DTYPES)}.")
     mu_dtype = _DTYPES[mu_dtype]
   mask = lambda p: decay_mask(p, config)
   mask(params)  # fail here, not inside the first jitted step
@@ -225,7 +231,7 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
     parts.append(optax.scale_by_learning_rate(lr))
     tx = optax.chain(*parts)
   else:
-    raise ValueError(f"Unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}.")
+    raise errors.UserError(f"Unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}.")
 
   clip = _get(config, "grad_clip_norm", 0.0)
   if clip:
@@ -236,24 +242,45 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
 # -------------------------------------------------------------------------------- EMA
 
 
-def ema_decay(config, step) -> jax.Array:
-  """The EMA decay at optimizer step `step` (jittable; 0 means the EMA copies params).
+def ema_schedule(config, steps_per_epoch: int, total_steps: int):
+  """decay(step) for the EMA weights (jittable; 0 copies the model), or None (no EMA).
 
-  `config.ema_decay` (0 = no EMA). With `config.ema_warmup` (False) the decay is
-  min(ema_decay, (1 + step) / (10 + step)), as TF's ExponentialMovingAverage with
-  num_updates and timm's ModelEmaV2 warmup. With `config.ema_copy_steps` (0) > 0 the
-  decay is 0 before that step: pycls copies the model into its EMA during the warmup
-  epochs. (pycls's own rate, for reference: every P steps it mixes in alpha = min(1,
-  EMA_ALPHA * batch_size / MAX_EPOCH * P), i.e. decay 1 - alpha applied every P steps.)
+  The per-step decay is `config.ema_decay`, or, with `config.ema_pycls_alpha` > 0,
+  pycls's rate: every P = `ema_pycls_period` steps pycls mixes in alpha = min(1,
+  ema_pycls_alpha * batch_size / epochs * P) of the model, i.e. decay (1 - alpha)^(1/P)
+  per step, with epochs = total_steps / steps_per_epoch of this run (so the rate follows
+  --config.batch_size and the duration). Setting both is a mistake. With
+  `config.ema_warmup` the decay is min(decay, (1 + step) / (10 + step)), as TF's
+  ExponentialMovingAverage with num_updates and timm's ModelEmaV2 warmup. Before
+  `ema_copy_steps` / `ema_copy_epochs` the decay is 0: pycls copies the model into its
+  EMA during the warmup epochs.
   """
-  decay = jnp.float32(_get(config, "ema_decay", 0.0))
-  step = jnp.asarray(step, jnp.float32)
-  if _get(config, "ema_warmup", False):
-    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  copy_steps = int(_get(config, "ema_copy_steps", 0))
-  if copy_steps > 0:
-    decay = jnp.where(step < copy_steps, 0.0, decay)
-  return decay
+  fixed = float(_get(config, "ema_decay", 0.0))
+  alpha = float(_get(config, "ema_pycls_alpha", 0.0))
+  if fixed and alpha:
+    raise errors.UserError(f"config.ema_decay={fixed} and config.ema_pycls_alpha={alpha} "
+                           "are both set; keep one and set the other to 0.")
+  if not (0.0 <= fixed < 1.0) or alpha < 0:
+    raise errors.UserError(f"config.ema_decay must be in [0, 1) (0 = off), got {fixed}.")
+  if alpha:
+    period = int(_get(config, "ema_pycls_period", config_lib.default("ema_pycls_period")))
+    epochs = total_steps / steps_per_epoch
+    mix = min(1.0, alpha * int(config.batch_size) / epochs * period)
+    fixed = (1.0 - mix) ** (1.0 / period)
+  if not fixed and not alpha:
+    return None
+  warmup = bool(_get(config, "ema_warmup", False))
+  copy_steps = config_lib.duration(config, "ema_copy", steps_per_epoch)
+
+  def decay_at(step):
+    decay = jnp.float32(fixed)
+    step = jnp.asarray(step, jnp.float32)
+    if warmup:
+      decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    if copy_steps > 0:
+      decay = jnp.where(step < copy_steps, 0.0, decay)
+    return decay
+  return decay_at
 
 
 def ema_update(ema_params, params, decay):

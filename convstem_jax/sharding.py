@@ -16,27 +16,44 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from convstem_jax import errors
+
 DATA = "data"
 # Arrays smaller than this stay replicated under fsdp: splitting them saves nothing.
 FSDP_MIN_SIZE = 2 ** 14
 
 
 def make_mesh(axes: Sequence[tuple[str, int]] = ((DATA, -1),)) -> Mesh:
-  """A mesh from [(name, size)], one size may be -1 (the rest of the devices)."""
-  names = [a for a, _ in axes]
-  sizes = [int(s) for _, s in axes]
+  """A mesh from [(name, size)], one size may be -1 (the rest of the devices).
+
+  Only the `data` axis is implemented (batches split over it, and weights too with
+  config.fsdp); any other axis is refused rather than silently used as more data
+  parallelism.
+  """
+  try:
+    names = [str(a) for a, _ in axes]
+    sizes = [int(s) for _, s in axes]
+  except (TypeError, ValueError):
+    raise errors.UserError(f"config.mesh {axes!r} is not a list of (axis name, size) "
+                           "pairs; use (('data', -1),).") from None
+  other = [a for a in names if a != DATA]
+  if other or not names:
+    raise errors.UserError(
+        f"config.mesh {list(axes)} has axis {other[0] if other else 'none'!r}, which this "
+        f"trainer does not implement; use (('{DATA}', -1),) and --config.fsdp=True to "
+        "shard the weights.")
   n = jax.device_count()
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh {list(axes)} has more than one -1 axis; give all but "
+    raise errors.UserError(f"config.mesh {list(axes)} has more than one -1 axis; give all but "
                      "one axis an explicit size.")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n % known:
-      raise ValueError(f"config.mesh {list(axes)} does not fit {n} devices; the explicit "
+      raise errors.UserError(f"config.mesh {list(axes)} does not fit {n} devices; the explicit "
                        f"axis sizes must divide the device count.")
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
-    raise ValueError(f"config.mesh {list(axes)} needs {int(np.prod(sizes))} devices but "
+    raise errors.UserError(f"config.mesh {list(axes)} needs {int(np.prod(sizes))} devices but "
                      f"{n} are present; use -1 for the data axis.")
   auto = (jax.sharding.AxisType.Auto,) * len(names)
   return jax.make_mesh(tuple(sizes), tuple(names), axis_types=auto)
@@ -81,7 +98,10 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 def local_batch_size(global_batch_size: int) -> int:
   """Examples this process feeds per step; the batch must split evenly over devices."""
   n, hosts = jax.device_count(), jax.process_count()
+  if global_batch_size <= 0:
+    raise errors.UserError(f"Batch size {global_batch_size} must be positive; use a "
+                           f"multiple of the {n} devices (--config.batch_size=...).")
   if global_batch_size % n:
-    raise ValueError(f"Batch size {global_batch_size} is not divisible by the {n} "
+    raise errors.UserError(f"Batch size {global_batch_size} is not divisible by the {n} "
                      f"devices; use a multiple of {n} (--config.batch_size=...).")
   return global_batch_size // hosts

@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib
 
 from convstem_jax.data.synthetic import SyntheticSource
+from convstem_jax import errors
 
 TFDS_NAMES = ("imagenet2012", "imagenet_v2", "cifar10", "cifar100", "svhn_cropped")
 
@@ -72,6 +73,6 @@ def get_source(config, split: str):
   if name.startswith("tfds:") and len(name) > 5:
     return _tfds(name[5:])(config, split)
   if name not in SOURCES:
-    raise ValueError(f"Unknown dataset '{name}'; available here: {', '.join(SOURCES)}, "
+    raise errors.UserError(f"Unknown dataset '{name}'; available here: {', '.join(SOURCES)}, "
                      "or 'tfds:<name>' for any tensorflow-datasets dataset.")
   return SOURCES[name](config, split)

@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from convstem_jax.data.files import FileSource
+from convstem_jax import errors
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
@@ -28,7 +29,7 @@ def package_dir() -> str:
   try:
     import elpv_dataset  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         "Dataset 'elpv' is not installed in this Python environment; install it with "
         "`pip install elpv-dataset` (about 90 MB, no other downloads).") from e
   return os.path.join(os.path.dirname(elpv_dataset.__file__), "data")
@@ -39,7 +40,7 @@ def read_table(data_dir: str | None = None):
   data_dir = data_dir or package_dir()
   csv = os.path.join(data_dir, "labels.csv")
   if not os.path.exists(csv):
-    raise FileNotFoundError(f"Dataset 'elpv': no labels.csv in {data_dir}; reinstall it "
+    raise errors.MissingInputError(f"Dataset 'elpv': no labels.csv in {data_dir}; reinstall it "
                             "with `pip install --force-reinstall elpv-dataset`.")
   paths, probs, types = [], [], []
   with open(csv) as f:
@@ -71,9 +72,9 @@ class ElpvSource(FileSource):
 
   def __init__(self, config, split: str):
     if split not in ("train", "test"):
-      raise ValueError(f"ELPV has splits 'train' and 'test', not '{split}'.")
+      raise errors.UserError(f"ELPV has splits 'train' and 'test', not '{split}'.")
     if int(config.num_classes) != NUM_CLASSES:
-      raise ValueError(f"ELPV has {NUM_CLASSES} classes; set config.num_classes = 4 "
+      raise errors.UserError(f"ELPV has {NUM_CLASSES} classes; set config.num_classes = 4 "
                        f"(it is {config.num_classes}).")
     paths, labels, types = read_table(config.get("data_dir", "") or None)
     index = split_indices(labels, types)[split]

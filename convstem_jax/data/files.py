@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from convstem_jax.data import common
+from convstem_jax import errors
 
 
 def import_tf():
@@ -30,17 +31,24 @@ def import_tf():
   return tf
 
 
-def default_pp(config, train: bool) -> str:
+DEFAULT_PP_TRAIN = "decode|inception_crop({size})|flip_lr|value_range(-1, 1)"
+DEFAULT_PP_EVAL = "decode|resize_small({eval_resize})|central_crop({size})|value_range(-1, 1)"
+
+
+def pp_spec(config, train: bool) -> str:
+  """config.pp_train / pp_eval (or the defaults above) with the run's sizes filled in.
+
+  `{size}` is config.image_size and `{eval_resize}` the short side an eval image is
+  resized to before its central crop (size / 0.875, ImageNet's 224 -> 256), so a spec
+  written with them follows --config.image_size.
+  """
+  spec = config.get("pp_train" if train else "pp_eval", "") or (
+      DEFAULT_PP_TRAIN if train else DEFAULT_PP_EVAL)
   size = int(config.image_size)
-  if train:
-    return f"decode|inception_crop({size})|flip_lr|value_range(-1, 1)"
-  return f"decode|resize_small({int(round(size / 0.875))})|central_crop({size})|" \
-         "value_range(-1, 1)"
-
-
-def pp_spec(config, train: bool):
-  spec = config.get("pp_train" if train else "pp_eval", "")
-  return spec or default_pp(config, train)
+  if size <= 0:
+    raise errors.UserError(f"config.image_size must be positive, got {size}.")
+  return spec.replace("{size}", str(size)).replace("{eval_resize}",
+                                                    str(int(round(size / 0.875))))
 
 
 def _options(tf, config):
@@ -79,7 +87,7 @@ class FileSource:
     import jax  # pylint: disable=g-import-not-at-top
     n = len(self.local)
     if n == 0:
-      raise ValueError(f"Split '{self.split}' has {self.num_examples} examples, too few "
+      raise errors.UserError(f"Split '{self.split}' has {self.num_examples} examples, too few "
                        f"for {jax.process_count()} processes.")
     me = jax.process_index()
     order_seed = common.seed_for(self.seed, "order", self.split, me)

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from convstem_jax.data.files import FileSource
+from convstem_jax import errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm")
@@ -91,14 +92,14 @@ class FolderSource(FileSource):
   def __init__(self, config, split: str):
     root = config.get("data_dir", "")
     if not root or not os.path.isdir(root):
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"Image folder '{root}' does not exist; set --config.data_dir to a folder laid "
           f"out as {LAYOUT}.")
     held_out = next((d for d in HELD_OUT if os.path.isdir(os.path.join(root, d))), None)
     split_dirs = os.path.isdir(os.path.join(root, "train")) and held_out is not None
     want = "train" if split == "train" else "test"
     if split not in ("train", *HELD_OUT):
-      raise ValueError(f"Image folders have splits 'train' and 'test' (or 'val'), not "
+      raise errors.UserError(f"Image folders have splits 'train' and 'test' (or 'val'), not "
                        f"'{split}'.")
     if split_dirs:
       train_classes = list_class_tree(os.path.join(root, "train"))[0]
@@ -106,7 +107,7 @@ class FolderSource(FileSource):
       classes, paths, labels = scan(tree)
       unknown = set(classes) - set(train_classes)
       if unknown:
-        raise ValueError(f"Image folder {tree} has classes not in the train folder: "
+        raise errors.UserError(f"Image folder {tree} has classes not in the train folder: "
                          f"{', '.join(sorted(unknown))}.")
       remap = {i: train_classes.index(c) for i, c in enumerate(classes)}
       labels = [remap[l] for l in labels]
@@ -116,10 +117,10 @@ class FolderSource(FileSource):
           else root
       classes, paths, labels = scan(tree)
     if not paths:
-      raise FileNotFoundError(f"Image folder '{tree}' holds no images; lay it out as "
+      raise errors.MissingInputError(f"Image folder '{tree}' holds no images; lay it out as "
                               f"{LAYOUT}.")
     if len(classes) > int(config.num_classes):
-      raise ValueError(f"Image folder {root} has {len(classes)} classes but "
+      raise errors.UserError(f"Image folder {root} has {len(classes)} classes but "
                        f"config.num_classes is {config.num_classes}; set it to "
                        f"{len(classes)}.")
     if not split_dirs:

@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from convstem_jax import errors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,7 +79,7 @@ def parse(spec: str | Sequence[str]) -> list[tuple[str, tuple, dict]]:
     try:
       node = ast.parse(part, mode="eval").body
     except SyntaxError as e:
-      raise ValueError(f"Bad preprocessing op '{part}': write name or name(args).") from e
+      raise errors.UserError(f"Bad preprocessing op '{part}': write name or name(args).") from e
     if isinstance(node, ast.Name):
       name, args, kwargs = node.id, (), {}
     elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -87,11 +88,11 @@ def parse(spec: str | Sequence[str]) -> list[tuple[str, tuple, dict]]:
         args = tuple(ast.literal_eval(a) for a in node.args)
         kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
       except ValueError as e:
-        raise ValueError(f"Bad preprocessing op '{part}': arguments must be literals.") from e
+        raise errors.UserError(f"Bad preprocessing op '{part}': arguments must be literals.") from e
     else:
-      raise ValueError(f"Bad preprocessing op '{part}': write name or name(args).")
+      raise errors.UserError(f"Bad preprocessing op '{part}': write name or name(args).")
     if name not in OPS:
-      raise ValueError(f"Unknown preprocessing op '{name}'; known: {', '.join(sorted(OPS))}.")
+      raise errors.UserError(f"Unknown preprocessing op '{name}'; known: {', '.join(sorted(OPS))}.")
     out.append((name, args, kwargs))
   return out
 
@@ -107,7 +108,7 @@ def build(spec: str | Sequence[str]) -> Callable[[dict, Any], dict]:
       features = op(features, tf.random.experimental.stateless_fold_in(seed, i))
     image = features["image"]
     if image.dtype == tf.string:
-      raise ValueError("The preprocessing pipeline leaves encoded images; start it with "
+      raise errors.UserError("The preprocessing pipeline leaves encoded images; start it with "
                        "'decode' (or a fused op such as inception_crop).")
     features["image"] = (tf.image.convert_image_dtype(image, tf.float32)
                          if image.dtype == tf.uint8 else tf.cast(image, tf.float32))
@@ -387,14 +388,14 @@ def random_erasing(prob: float = 0.25, area_min: float = 0.02, area_max: float =
   N(0, 1) noise per pixel ('pixel'), per channel ('rand') or zeros ('const').
   """
   if mode not in ("pixel", "rand", "const"):
-    raise ValueError(f"random_erasing: mode must be 'pixel', 'rand' or 'const', not {mode!r}.")
+    raise errors.UserError(f"random_erasing: mode must be 'pixel', 'rand' or 'const', not {mode!r}.")
   ratio_max = ratio_max or 1 / ratio_min
   log_ratio = (float(np.log(ratio_min)), float(np.log(ratio_max)))
 
   def op(f, seed):
     image = f["image"]
     if image.dtype == tf.uint8:
-      raise ValueError("random_erasing works on normalised float images: put it after "
+      raise errors.UserError("random_erasing works on normalised float images: put it after "
                        "'normalize' (or 'value_range').")
     image = tf.cast(image, tf.float32)
     s_apply, s_box, s_noise = (tf.random.experimental.stateless_fold_in(seed, i)

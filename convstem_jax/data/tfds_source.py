@@ -31,6 +31,7 @@ import os
 from convstem_jax.data import common
 from convstem_jax.data.files import (eval_batches_of, import_tf, pp_spec,
                                      train_batches_of)
+from convstem_jax import errors
 
 _PREPARE = {
     "imagenet2012": "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
@@ -56,7 +57,7 @@ class TfdsSource:
     try:
       self.builder = tfds.builder(name, data_dir=self.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f"tensorflow-datasets has no dataset '{name}'; check the name in "
+      raise errors.UserError(f"tensorflow-datasets has no dataset '{name}'; check the name in "
                        "config.dataset.") from e
     self.count, self.index = jax.process_count(), jax.process_index()
     self.local_split = tfds.even_splits(split, n=self.count)[self.index]
@@ -77,7 +78,7 @@ class TfdsSource:
       how = _PREPARE.get(self.name, "prepare it with `tfds build {name} --data_dir={dir}` "
                          "on a machine with internet access").format(dir=where,
                                                                       name=self.name)
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"Dataset '{self.name}' (split '{self.split}') was not found in {where}: {how}, "
           "or point --config.data_dir (or TFDS_DATA_DIR) at the directory that holds "
           "it.") from e

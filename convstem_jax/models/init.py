@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from convstem_jax.models.structured_init import KINDS as ATTENTION_INITS
+from convstem_jax import errors
 
 INIT_STYLES = ("jax", "pycls")
 
@@ -38,7 +39,7 @@ torch_default = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 def check_style(style: str) -> None:
   if style not in INIT_STYLES:
-    raise ValueError(f"Unknown init '{style}'; valid: {', '.join(INIT_STYLES)}.")
+    raise errors.UserError(f"Unknown init '{style}'; valid: {', '.join(INIT_STYLES)}.")
 
 
 def _fan_out_normal(scale: float):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from convstem_jax.models import init as inits
+from convstem_jax import errors
 
 NORMS = ("batch", "layer", "none")
 ACTIVATIONS = ("relu", "gelu", "none")
@@ -111,7 +112,7 @@ XIAO_STEMS = {
 def _srelu(patch: int, width: int = 64, norm: str = "batch", act: str = "relu"):
   """Wang et al. 2022 scaled-ReLU stem (VOLO-style layout, see papers.md section 2)."""
   if patch % 2:
-    raise ValueError(f"The scaled-ReLU stem needs an even patch size, got {patch}.")
+    raise errors.UserError(f"The scaled-ReLU stem needs an even patch size, got {patch}.")
   layers = (ConvLayer(7, 2, width, norm, act), ConvLayer(3, 1, width, norm, act),
             ConvLayer(3, 1, width, norm, act))
   return StemSpec(layers, patch // 2, patch // 2)
@@ -138,14 +139,14 @@ def resolve_stem(stem: Any, *, width: int, patch: int) -> StemSpec:
   if stem in XIAO_STEMS:
     kernels, strides, channels = XIAO_STEMS[stem]
     if channels[-1] != width:
-      raise ValueError(f"Stem '{stem}' ends at width {channels[-1]} but the model width "
+      raise errors.UserError(f"Stem '{stem}' ends at width {channels[-1]} but the model width "
                        f"is {width}; use the matching vitc_* variant or another stem.")
     return _xiao(kernels, strides, channels)
   ablations = {"srelu": {}, "srelu_nonorm": {"norm": "none"},
                "srelu_norelu": {"act": "none"}, "srelu_ln": {"norm": "layer"}}
   if stem in ablations:
     return _srelu(patch, **ablations[stem])
-  raise ValueError(f"Unknown stem '{stem}'; valid stems: {', '.join(stem_names())}.")
+  raise errors.UserError(f"Unknown stem '{stem}'; valid stems: {', '.join(stem_names())}.")
 
 
 class BatchNorm(nn.Module):
@@ -174,7 +175,7 @@ class BatchNorm(nn.Module):
       b = x.shape[0]
       g = self.group_size if 0 < self.group_size < b else b
       if b % g:
-        raise ValueError(f"BatchNorm group size {g} does not divide the batch of {b}; "
+        raise errors.UserError(f"BatchNorm group size {g} does not divide the batch of {b}; "
                          "choose a group size that divides the per-device batch.")
       xg = xf.reshape(b // g, g, *x.shape[1:])
       axes = tuple(range(1, xg.ndim - 1))
@@ -230,13 +231,13 @@ def validate(spec: StemSpec, *, patch: int, img_size: int) -> None:
   """The pycls invariants, as sentences: stride product = patch, image divisible."""
   for l in (*spec.layers, spec.projection):
     if l.norm not in NORMS or l.act not in ACTIVATIONS:
-      raise ValueError(f"Stem layer {l} has norm '{l.norm}' / activation '{l.act}'; "
+      raise errors.UserError(f"Stem layer {l} has norm '{l.norm}' / activation '{l.act}'; "
                        f"norm must be one of {NORMS} and activation one of {ACTIVATIONS}.")
   if spec.stride != patch:
-    raise ValueError(f"The stem's strides multiply to {spec.stride}, not the patch size "
+    raise errors.UserError(f"The stem's strides multiply to {spec.stride}, not the patch size "
                      f"{patch}; change the stem strides or set patch_size={spec.stride}.")
   if img_size % spec.stride:
-    raise ValueError(f"Image size {img_size} is not divisible by the stem's total stride "
+    raise errors.UserError(f"Image size {img_size} is not divisible by the stem's total stride "
                      f"{spec.stride}; use an image size that is a multiple of "
                      f"{spec.stride}.")
 

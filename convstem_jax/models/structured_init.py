@@ -39,6 +39,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from convstem_jax import errors
 import optax
 
 KINDS = ("default", "mimetic", "impulse3", "impulse5", "impulse3_closed",
@@ -224,7 +225,7 @@ def layer_kernels(kind: str, key, d: int, heads: int, shared_qk=None) -> dict:
     v, out = mimetic_vo(k_vo, d)
     return {"q": q, "k": k, "v": v, "out": out}
   if shared_qk is None:
-    raise ValueError(f"attention_init '{kind}' needs the model's shared query/key "
+    raise errors.UserError(f"attention_init '{kind}' needs the model's shared query/key "
                      "solution; build it through ViT, which computes it.")
   return {"q": shared_qk[0], "k": shared_qk[1]}
 

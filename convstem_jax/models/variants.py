@@ -10,6 +10,7 @@ al. 2022 scaled-ReLU stem on ViT-Ti/S/B (same depth as the patchify model); Zhen
 from __future__ import annotations
 
 from convstem_jax.models.vit import ViT
+from convstem_jax import errors
 
 _SIZES = {  # width, depth, heads, mlp
     "ti": (192, 12, 3, 768), "s": (384, 12, 6, 1536),
@@ -46,10 +47,10 @@ def model_names() -> list[str]:
 def model_kwargs(name: str, **overrides) -> dict:
   """The keyword arguments `create_model` would pass to `ViT`."""
   if name not in VARIANTS:
-    raise ValueError(f"Unknown model '{name}'; valid names: {', '.join(VARIANTS)}.")
+    raise errors.UserError(f"Unknown model '{name}'; valid names: {', '.join(VARIANTS)}.")
   unknown = set(overrides) - set(ViT.__dataclass_fields__) - {"parent", "name"}
   if unknown:
-    raise ValueError(f"Unknown model override(s) {sorted(unknown)}; valid: "
+    raise errors.UserError(f"Unknown model override(s) {sorted(unknown)}; valid: "
                      f"{', '.join(f for f in ViT.__dataclass_fields__ if f not in ('parent', 'name'))}.")
   return {**VARIANTS[name], **overrides}
 

@@ -38,6 +38,7 @@ import numpy as np
 from convstem_jax.models import init as inits
 from convstem_jax.models import stems
 from convstem_jax.models import structured_init
+from convstem_jax import errors
 
 POOLS = ("token", "gap")
 POSEMBS = ("learn", "sincos2d", "none")
@@ -59,7 +60,7 @@ def sincos2d(grid: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
   """Fixed 2-D sin-cos encoding [grid*grid, dim], laid out as timm's
   `build_sincos2d_pos_embed` (the structured-init code's): [sin y, sin x, cos y, cos x]."""
   if dim % 4:
-    raise ValueError(f"A 2-D sin-cos position encoding needs a width divisible by 4, "
+    raise errors.UserError(f"A 2-D sin-cos position encoding needs a width divisible by 4, "
                      f"got {dim}; use posemb='learn'.")
   bands = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4))
   y, x = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
@@ -237,7 +238,7 @@ class ViT(nn.Module):
     ]
     for ok, msg in checks:
       if not ok:
-        raise ValueError(msg + ".")
+        raise errors.UserError(msg + ".")
     inits.check_style(self.init_style)
     self._check_attention_init()
 
@@ -248,14 +249,14 @@ class ViT(nn.Module):
       return
     if self.pool == "token":
       # The target maps are over patch tokens; a class token has no place in them.
-      raise ValueError(f"attention_init '{kind}' needs a model without a class token; "
+      raise errors.UserError(f"attention_init '{kind}' needs a model without a class token; "
                        "set pool='gap'.")
     if self.posemb == "none":
-      raise ValueError(f"attention_init '{kind}' builds its maps from the position "
+      raise errors.UserError(f"attention_init '{kind}' builds its maps from the position "
                        "encoding; set posemb='sincos2d' or 'learn'.")
     f, g = structured_init.window(kind), self.grid
     if g < f:
-      raise ValueError(f"attention_init '{kind}' needs a token grid of at least {f}x{f}, "
+      raise errors.UserError(f"attention_init '{kind}' needs a token grid of at least {f}x{f}, "
                        f"got {g}x{g}; use a larger image, a smaller patch, or impulse3.")
 
   def stem_spec(self) -> stems.StemSpec:
@@ -275,7 +276,7 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[1:3] != (self.img_size, self.img_size):
-      raise ValueError(f"Expected NHWC images of {self.img_size}x{self.img_size}, got "
+      raise errors.UserError(f"Expected NHWC images of {self.img_size}x{self.img_size}, got "
                        f"shape {images.shape}; resize the input or set img_size.")
     dtype = DTYPES[self.dtype]
     out = {}
@@ -360,7 +361,7 @@ def stack_blocks(params: dict, depth: int) -> dict:
   any tree keyed like params (e.g. EMA params), not on optimizer state."""
   missing = [f"block_{i}" for i in range(depth) if f"block_{i}" not in params]
   if missing:
-    raise ValueError(f"Expected unrolled parameters block_0..block_{depth - 1}, but "
+    raise errors.UserError(f"Expected unrolled parameters block_0..block_{depth - 1}, but "
                      f"{', '.join(missing)} are missing; pass the model's depth and an "
                      "unrolled (scan_blocks=False) params tree.")
   out = {k: v for k, v in params.items() if not k.startswith("block_")}
@@ -372,7 +373,7 @@ def stack_blocks(params: dict, depth: int) -> dict:
 def unstack_blocks(params: dict) -> dict:
   """The scan_blocks layout (`blocks`, leading depth axis) -> `block_0` ... `block_{n-1}`."""
   if "blocks" not in params:
-    raise ValueError("Expected scanned parameters with a 'blocks' entry; these are "
+    raise errors.UserError("Expected scanned parameters with a 'blocks' entry; these are "
                      "already unrolled.")
   out = {k: v for k, v in params.items() if k != "blocks"}
   depth = jax.tree.leaves(params["blocks"])[0].shape[0]

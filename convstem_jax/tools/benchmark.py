@@ -187,9 +187,9 @@ def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float
   model = model_from_config(config)
   mesh = shd.make_mesh(config.get("mesh", ((shd.DATA, -1),)))
   local_bs = shd.local_batch_size(config.batch_size)
-  tx, schedule, init_state, _, state_sharding = train_lib.plan_state(
-      config, model, mesh, config.total_steps, config.total_steps)
-  state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+  plan = train_lib.plan_state(config, model, mesh, config.total_steps, config.total_steps)
+  state = jax.jit(plan.init_state, out_shardings=plan.state_sharding)(
+      jax.random.PRNGKey(config.seed))
 
   # One synthetic batch, resident on the devices for the whole run.
   host = np.random.default_rng(0)
@@ -198,8 +198,8 @@ def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float
            "label": host.integers(0, model.num_classes, local_bs).astype(np.int32)}
   batch = shd.global_batch(local, mesh)
 
-  step = train_lib.jit_train_step(train_lib.make_train_step(config, model, tx, schedule),
-                                  state_sharding, mesh)
+  step = train_lib.jit_train_step(train_lib.make_train_step(config, model, plan),
+                                  plan.state_sharding, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

@@ -1,0 +1,99 @@
+"""Preemption: on SIGTERM or SIGUSR1, every host agrees on one step, saves it, and the
+run exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "preempted, rerun me"). Rerunning
+the same command on the same workdir resumes from that checkpoint.
+
+Who notices the signal:
+- With JAX's distributed runtime up (multi-host, `CONVSTEM_JAX_DISTRIBUTED=1`, or the
+  `--coordinator_address` flags, even with one process), JAX's preemption service owns
+  SIGTERM: its notifier tells every host, and
+  `multihost_utils.reached_preemption_sync_point(step)`, asked at every step, turns True
+  on the same step everywhere (the maximum step any host had passed, plus one). A Python
+  SIGTERM handler installed after `jax.distributed.initialize` would disable it, so only
+  SIGUSR1 (SLURM's `--signal`) gets a Python handler, which forwards it to our own
+  SIGTERM.
+- Without it (one process), a Python handler sets a flag that the loop reads at each
+  step boundary.
+Handlers are installed before the distributed runtime starts (`install`), so a signal
+during imports, restore or compilation is not lost: it is honoured at the first step
+boundary after it. A signal during an eval lets the eval finish; the save follows at
+the end of that step or the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL; launch/slurm_example.sbatch and tpu.sh rerun on it
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_received: list[str] = []  # names of the signals seen, in order
+
+
+class Preempted(Exception):
+  """Raised by the trainer after the agreed step's checkpoint is committed."""
+
+  def __init__(self, step: int, signal_name: str):
+    super().__init__(f"Preempted ({signal_name}): checkpoint {step} is committed; rerun the "
+                     "same command on the same workdir to resume from it.")
+    self.step, self.signal_name = step, signal_name
+
+
+def _service_on() -> bool:
+  """True when JAX's preemption service runs (it owns SIGTERM)."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  state = distributed.global_state
+  return state.client is not None and state.preemption_sync_manager is not None
+
+
+def _on_signal(signum, frame):  # pylint: disable=unused-argument
+  _received.append(signal.Signals(signum).name)
+  if signum != signal.SIGTERM and _service_on():
+    os.kill(os.getpid(), signal.SIGTERM)  # drive JAX's notifier, which reacts to SIGTERM
+
+
+def install() -> None:
+  """Python handlers for SIGTERM and SIGUSR1; call before jax.distributed.initialize."""
+  for sig in SIGNALS:
+    signal.signal(sig, _on_signal)
+
+
+def after_distributed_init() -> None:
+  """A SIGTERM that arrived before the preemption service started is handed to it."""
+  if _service_on() and signal.SIGTERM.name in _received:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def received() -> str | None:
+  """The first preemption signal this process got (None if none)."""
+  return _received[0] if _received else None
+
+
+class Watcher:
+  """`reached(step)` is True at the one step all hosts agreed to save and stop at.
+
+  Call it at every step with increasing step numbers, starting with the step the run
+  resumes from (the service's counter starts at 0, so a run that resumes at step s and
+  is signalled during restore would otherwise agree on step 1, which it never reaches).
+  """
+
+  def __init__(self, start_step: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.service = _service_on()
+    if not self.service and jax.process_count() > 1:
+      logging.warning("JAX's preemption service is off in a %d-process run: a preemption "
+                      "signal cannot be agreed on, and the run relies on its periodic "
+                      "checkpoints.", jax.process_count())
+    self.multi = jax.process_count() > 1
+    self.reached(start_step)
+
+  def reached(self, step: int) -> bool:
+    if self.service:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return not self.multi and bool(_received)
+
+  @staticmethod
+  def signal_name() -> str:
+    return received() or "SIGTERM"
