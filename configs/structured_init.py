@@ -96,9 +96,9 @@ def get_config(arg=None):
   c.optimizer = "adamw"
   c.optimizer_kw.eps = 1e-3
   c.lr, c.lr_batch_base, c.weight_decay = 1e-3, 0, 0.01
-  # warmup_init 1e-6 / 1e-3: timm's default warmup_lr of 1e-6.
+  # Warmup from timm's default warmup_lr of 1e-6.
   c.schedule.update(warmup_epochs=WARMUP_EPOCHS * a.epochs / 200, warmup_steps=0,
-                    warmup_init=1e-3, decay="cosine", end_lr=1e-6)
+                    warmup_lr=1e-6, decay="cosine", end_lr=1e-6)
   if steps:  # same warmup share as 10 of 200 epochs
     c.schedule.warmup_steps = max(1, round(steps * WARMUP_EPOCHS / 200))
     c.schedule.warmup_epochs = 0.0

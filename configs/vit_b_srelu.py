@@ -33,8 +33,8 @@ def get_config(arg=None):
   c.optimizer = "adamw"
   c.optimizer_kw.eps = 1e-8
   c.lr, c.lr_batch_base, c.weight_decay = 5e-4, 512, 0.05
-  c.schedule.update(warmup_epochs=5.0, warmup_init=1e-6 / 5e-4, decay="cosine",
-                    end_lr=1e-5)
+  # DeiT's warmup and minimum lrs are absolute (not scaled with the batch).
+  c.schedule.update(warmup_epochs=5.0, warmup_lr=1e-6, decay="cosine", end_lr=1e-5)
   c.label_smoothing = 0.1
   c.ema_decay = 0.99996
   # DeiT augmentation (bilinear where DeiT resizes bicubically).

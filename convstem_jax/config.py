@@ -120,7 +120,10 @@ def base_config():
   c.lr = 5e-4
   c.lr_batch_base = 512           # lr scales with batch_size / lr_batch_base (0 = off)
   c.schedule = ml_collections.ConfigDict(dict(
-      warmup_steps=0, warmup_epochs=5.0, warmup_init=0.0, decay="cosine",
+      warmup_steps=0, warmup_epochs=5.0,
+      warmup_init=0.0,          # warmup starts at warmup_init x lr ...
+      warmup_lr=ml_collections.config_dict.placeholder(float),  # ... unless this is set
+      decay="cosine",
       end_factor=0.0,           # floor = end_factor x lr ...
       end_lr=ml_collections.config_dict.placeholder(float),  # ... unless end_lr is set
       per_epoch=False))

@@ -65,8 +65,9 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
 
   Reads `config.lr`, `config.lr_batch_base` / `config.batch_size` (see `base_lr`) and
   `config.schedule.{warmup_steps, warmup_epochs, warmup_init, decay, end_factor, end_lr,
-  per_epoch}`. With lr the (scaled) base lr, init = warmup_init * lr, floor = end_lr if
-  set (not None) else end_factor * lr, W the warmup steps (warmup_steps, or
+  per_epoch}` and `warmup_lr`. With lr the (scaled) base lr, init = warmup_lr if set
+  (not None; an absolute lr, as timm's warmup_lr) else warmup_init * lr, floor = end_lr
+  if set (not None) else end_factor * lr, W the warmup steps (warmup_steps, or
   warmup_epochs * steps_per_epoch; not both) and T = total_steps:
 
   per_epoch=False (lr changes every step):
@@ -83,8 +84,8 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
       cosine:   d(e) = floor + (lr - floor) * (1 + cos(pi min(e, E) / E)) / 2
       linear:   d(e) = lr + (floor - lr) * min(e / E, 1)
       constant: d(e) = lr
-    warmup multiplies it: lr(e) = d(e) * (warmup_init + (1 - warmup_init) * e / We) for
-    e < We, else d(e). Epoch 0 -> warmup_init * lr; the last epoch E-1 stays slightly
+    warmup multiplies it: lr(e) = d(e) * (w + (1 - w) * e / We) for e < We, else d(e),
+    with w = init / lr. Epoch 0 -> init; the last epoch E-1 stays slightly
     above the floor, as in pycls.
   """
   sched = config.get("schedule", None)
@@ -99,9 +100,11 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
   floor = float(end_lr) if end_lr is not None else float(_get(sched, "end_factor", 0.0)) * lr
   per_epoch = bool(_get(sched, "per_epoch", False))
   if total_steps <= 0 or steps_per_epoch <= 0:
-    raise errors.UserError(f"Need total_steps > 0 and steps_per_epoch > 0, got {total_steps} "
-                     f"and {steps_per_epoch}.")
-  init = warmup_init * lr
+    raise errors.UserError(f"Need total_steps > 0 and steps_per_epoch > 0, got "
+                           f"{total_steps} and {steps_per_epoch}.")
+  warmup_lr = _get(sched, "warmup_lr", None)
+  init = float(warmup_lr) if warmup_lr is not None else warmup_init * lr
+  warmup_init = init / lr if lr else 0.0  # the per-epoch warmup is a factor of lr
 
   def decayed(frac):  # frac in [0, 1] over the decay phase
     if decay == "cosine":

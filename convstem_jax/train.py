@@ -60,18 +60,33 @@ class TrainState:
     return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
-def steps_for(config, steps_per_epoch: int) -> int:
-  """The run's length: config.total_steps or total_epochs x steps per epoch (one of them)."""
+class Durations(NamedTuple):
+  """The run's length and cadences in trainer steps (0 = never)."""
+  steps_per_epoch: int
+  total_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+
+def durations(config, num_train_examples: int) -> Durations:
+  """Steps per epoch (whole global batches), the run's length (config.total_steps or
+  total_epochs, one of them) and its cadences, as the trainer uses them."""
+  if num_train_examples < config.batch_size:
+    raise errors.UserError(
+        f"The '{config.train_split}' split has {num_train_examples} examples, fewer than "
+        f"one batch of {config.batch_size}; lower --config.batch_size.")
+  steps_per_epoch = num_train_examples // config.batch_size
   total = config_lib.duration(config, "total", steps_per_epoch)
   if not total:
     raise errors.UserError("Set config.total_steps or config.total_epochs to a positive "
                            "value.")
-  return total
-
-
-def every(config, name: str, steps_per_epoch: int) -> int:
-  """A cadence given as `<name>_steps` or `<name>_epochs` (0 = never) -> steps."""
-  return config_lib.duration(config, name, steps_per_epoch)
+  if config.log_every_steps <= 0:
+    raise errors.UserError(f"config.log_every_steps must be positive, got "
+                           f"{config.log_every_steps}.")
+  return Durations(steps_per_epoch, total, config.log_every_steps,
+                   config_lib.duration(config, "eval_every", steps_per_epoch),
+                   config_lib.duration(config, "checkpoint_every", steps_per_epoch))
 
 
 def check_workdir(workdir: str) -> None:
@@ -281,17 +296,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- data
   train_source = data_lib.get_source(config, config.train_split)
-  if train_source.num_examples < config.batch_size:
-    raise errors.UserError(
-        f"The '{config.train_split}' split has {train_source.num_examples} examples, fewer "
-        f"than one batch of {config.batch_size}; lower --config.batch_size.")
-  steps_per_epoch = train_source.num_examples // config.batch_size
-  total_steps = steps_for(config, steps_per_epoch)
-  log_every = config.log_every_steps
-  if log_every <= 0:
-    raise errors.UserError(f"config.log_every_steps must be positive, got {log_every}.")
-  eval_every = every(config, "eval_every", steps_per_epoch)
-  ckpt_every = every(config, "checkpoint_every", steps_per_epoch)
+  run = durations(config, train_source.num_examples)
+  steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
   logging.info("%s: %d train examples, %d steps/epoch, %d steps of global batch %d",
                config.dataset, train_source.num_examples, steps_per_epoch, total_steps,
                config.batch_size)
@@ -342,9 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- loop
   try:
-    return _loop(config, workdir, state, start, total_steps, train_step, train_source,
-                 local_bs, mesh, evaluator, checkpointer, writer,
-                 log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every)
+    return _loop(config, workdir, state, start, run, train_step, train_source, local_bs,
+                 mesh, evaluator, checkpointer, writer)
   finally:  # whatever ends the loop, an in-flight save is committed first
     try:
       checkpointer.close()
@@ -352,9 +357,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.close()
 
 
-def _loop(config, workdir, state, start, total_steps, train_step, train_source, local_bs,
-          mesh, evaluator, checkpointer, writer, *, log_every, eval_every, ckpt_every):
+def _loop(config, workdir, state, start, run: Durations, train_step, train_source,
+          local_bs, mesh, evaluator, checkpointer, writer):
   """Steps start+1 .. total_steps; the run's records and checkpoints along the way."""
+  total_steps, log_every = run.total_steps, run.log_every
+  eval_every, ckpt_every = run.eval_every, run.checkpoint_every
   watcher = preemption.Watcher(start)
   progress = metrics_lib.Progress(total_steps, config.batch_size, start)
   batches = train_source.train_batches(local_bs, start_step=start)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from convstem_jax import errors
 from convstem_jax import optim
 from convstem_jax.models import variants
 
@@ -99,14 +100,23 @@ def test_lr_batch_scaling():
   assert optim.base_lr(cfg) == 5e-4
 
 
-def test_warmup_steps_win_over_epochs():
-  cfg = make_config(schedule=dict(warmup_steps=7, warmup_epochs=2, decay="constant"))
+def test_warmup_in_steps_or_epochs_never_both():
+  cfg = make_config(schedule=dict(warmup_steps=7, warmup_epochs=0, decay="constant"))
   sched = optim.make_schedule(cfg, steps_per_epoch=10, total_steps=100)
   assert float(sched(6)) < 1e-3 and float(sched(7)) == pytest.approx(1e-3)
-  cfg.schedule.warmup_steps = 0
+  cfg.schedule.update(warmup_steps=0, warmup_epochs=2)
   sched = optim.make_schedule(cfg, steps_per_epoch=10, total_steps=100)
   assert float(sched(19)) == pytest.approx(1e-3 * 19 / 20)
   assert float(sched(20)) == pytest.approx(1e-3)
+  cfg.schedule.warmup_steps = 7  # both: a mistake, not a silent precedence
+  with pytest.raises(errors.UserError, match=r"warmup_steps=7 and config.schedule."
+                                             r"warmup_epochs=2.0 are both set"):
+    optim.make_schedule(cfg, steps_per_epoch=10, total_steps=100)
+
+
+def test_negative_learning_rate_is_refused():
+  with pytest.raises(errors.UserError, match="must not be negative"):
+    optim.make_schedule(make_config(lr=-1e-3), 10, 100)
 
 
 # ----------------------------------------------------------------------- decay masks
@@ -132,10 +142,10 @@ def test_decay_mask_names():
                   mask["stem"]["embedding"]["bias"], mask["block_0"]["norm1"]["scale"],
                   mask["block_0"]["norm1"]["bias"], mask["block_0"]["attn"]["qkv"]["bias"],
                   mask["head"]["bias"]])
-  assert mask["cls"] and mask["pos_embedding"]  # pycls default
-  mask = optim.decay_mask(toy_params(), make_config(wd_posemb=False, wd_cls=False))
-  assert not mask["cls"] and not mask["pos_embedding"] and mask["head"]["kernel"]
-  mask = optim.decay_mask(toy_params(), make_config(wd_posemb=False))
+  assert not mask["cls"] and not mask["pos_embedding"]  # the base config's default (DeiT)
+  mask = optim.decay_mask(toy_params(), make_config(wd_posemb=True, wd_cls=True))  # pycls
+  assert mask["cls"] and mask["pos_embedding"] and mask["head"]["kernel"]
+  mask = optim.decay_mask(toy_params(), make_config(wd_cls=True))
   assert mask["cls"] and not mask["pos_embedding"]
 
 
@@ -146,7 +156,7 @@ def test_decay_mask_on_real_model():
   flat = {"/".join(str(k.key) for k in path): m for path, m in
           jax.tree_util.tree_leaves_with_path(optim.decay_mask(shapes, None))}
   decayed = {k for k, m in flat.items() if m}
-  assert decayed == {k for k in flat if k.endswith("kernel")} | {"cls", "pos_embedding"}
+  assert decayed == {k for k in flat if k.endswith("kernel")}  # default: not cls / pos-emb
   assert "stem/norm_0/scale" in flat and "encoder_norm/bias" in flat
   assert "block_1/attn/qkv/kernel" in decayed and "block_1/mlp/fc2/kernel" in decayed
 
@@ -160,7 +170,7 @@ def constant_lr(lr, **kw):
 
 def test_adamw_decays_masked_params_only():
   params = toy_params()
-  cfg = constant_lr(0.1, weight_decay=0.5, wd_cls=False)
+  cfg = constant_lr(0.1, weight_decay=0.5, wd_cls=False, wd_posemb=True)
   tx, sched = optim.make_optimizer(cfg, params, 10, 100)
   state = tx.init(params)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -263,17 +273,33 @@ def test_ema_update_exact():
   np.testing.assert_array_equal(optim.ema_update(ema, params, 0.0)["a"], [3.0, 6.0])
 
 
-def test_ema_decay():
+def test_ema_schedule():
+  ema = lambda cfg: optim.ema_schedule(cfg, steps_per_epoch=10, total_steps=1000)
   cfg = make_config(ema_decay=0.9999)
-  assert float(optim.ema_decay(cfg, 5)) == pytest.approx(0.9999)
+  assert float(ema(cfg)(5)) == pytest.approx(0.9999)
   cfg.ema_warmup = True
-  assert float(optim.ema_decay(cfg, 0)) == pytest.approx(0.1)
-  assert float(jax.jit(lambda s: optim.ema_decay(cfg, s))(90)) == pytest.approx(0.91)
-  assert float(optim.ema_decay(cfg, 10**8)) == pytest.approx(0.9999)
+  assert float(ema(cfg)(0)) == pytest.approx(0.1)
+  assert float(jax.jit(ema(cfg))(90)) == pytest.approx(0.91)
+  assert float(ema(cfg)(10**8)) == pytest.approx(0.9999)
   cfg.ema_warmup, cfg.ema_copy_steps = False, 50
-  assert float(optim.ema_decay(cfg, 49)) == 0.0
-  assert float(optim.ema_decay(cfg, 50)) == pytest.approx(0.9999)
-  assert float(optim.ema_decay(make_config(), 3)) == 0.0
+  assert float(ema(cfg)(49)) == 0.0
+  assert float(ema(cfg)(50)) == pytest.approx(0.9999)
+  cfg.ema_copy_steps, cfg.ema_copy_epochs = 0, 2.0  # 2 epochs of 10 steps
+  assert float(ema(cfg)(19)) == 0.0 and float(ema(cfg)(20)) == pytest.approx(0.9999)
+  assert ema(make_config()) is None  # no EMA
+
+
+def test_ema_pycls_rate_follows_batch_size_and_duration():
+  # pycls: every 32 steps mix in alpha = 1e-5 * batch / epochs * 32 -> per-step decay.
+  cfg = make_config(ema_pycls_alpha=1e-5, ema_pycls_period=32, batch_size=2048)
+  decay = float(optim.ema_schedule(cfg, steps_per_epoch=625, total_steps=625 * 400)(10))
+  assert decay ** 32 == pytest.approx(1 - 1e-5 * 2048 / 400 * 32, rel=1e-6)
+  cfg.batch_size = 1024  # half the batch, same 400 epochs: half the rate per step
+  decay = float(optim.ema_schedule(cfg, steps_per_epoch=1250, total_steps=1250 * 400)(10))
+  assert decay ** 32 == pytest.approx(1 - 1e-5 * 1024 / 400 * 32, rel=1e-6)
+  cfg.ema_decay = 0.99
+  with pytest.raises(errors.UserError, match="both set"):
+    optim.ema_schedule(cfg, 10, 100)
 
 
 def test_label_smoothing_and_cross_entropy():

@@ -112,8 +112,8 @@ def _total_steps(config) -> int:
   from convstem_jax import train  # pylint: disable=g-import-not-at-top
   if config.total_steps:
     return int(config.total_steps)
-  source = data_lib.get_source(config, config.get("train_split", "train"))
-  return train.steps_for(config, max(1, source.num_examples // config.batch_size))
+  source = data_lib.get_source(config, config.train_split)
+  return train.durations(config, source.num_examples).total_steps
 
 
 def spread(values):
