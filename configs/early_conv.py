@@ -46,8 +46,6 @@ import numpy as np
 from convstem_jax import config as common
 from convstem_jax import errors
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-
 # (variant, model overrides) per model argument.
 MODELS = {name: (name, {}) for name in (
     "vitp_1gf", "vitc_1gf", "vitp_4gf", "vitc_4gf", "vitp_18gf", "vitc_18gf",
