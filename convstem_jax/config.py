@@ -87,7 +87,11 @@ def base_config():
       dtype="float32",          # compute dtype; parameters stay float32
       attention_impl="xla",     # xla | cudnn (falls back to XLA) | auto
       remat="none",             # none | full | dots | dots_no_batch (models/vit.py)
-      scan_blocks=False))       # nn.scan over the blocks (another parameter layout)
+      scan_blocks=False,        # nn.scan over the blocks (another parameter layout)
+      # Regularisation; None keeps the variant's own value (models/variants.py).
+      dropout=ml_collections.config_dict.placeholder(float),
+      attention_dropout=ml_collections.config_dict.placeholder(float),
+      drop_path=ml_collections.config_dict.placeholder(float)))
   # Data.
   c.dataset = "imagenet2012"
   c.data_dir = ""                 # '' = $TFDS_DATA_DIR or tfds' default

@@ -70,6 +70,43 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     fail(flag_error(e, argv))
+  except Exception as e:  # pylint: disable=broad-except
+    message = unknown_field(e, argv)
+    if message is None and (isinstance(e, SyntaxError) or "get_config" in str(e)
+                            or _raised_in(e, _config_path(argv))):
+      message = config_error(e, argv)  # the config file's own fault
+    if message is None or os.environ.get("CONVSTEM_JAX_DEBUG") == "1":
+      raise
+    fail(message)
+
+
+def unknown_field(e: Exception, argv) -> str | None:
+  """ml_collections raises AttributeError / KeyError for an unknown field given on the
+  command line (--config.model.dropuot=0.1); None for any other error."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return None
+  text = str(e)
+  name = re.search(r"\w+", text)
+  given = [a.split("=", 1)[0][len("--config."):] for a in argv if name and
+           re.fullmatch(rf"--config\.([\w.]*\.)?{name[0]}", a.split("=", 1)[0])]
+  if not given:
+    return None
+  hint = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+  return (f"Unknown config field '{given[0]}'"
+          + (f"; did you mean '{hint[1]}'?" if hint else "; check its spelling against "
+             f"the config file {_config_path(argv)}.")
+          + " (--helpfull lists the fields)")
+
+
+def _raised_in(e: BaseException, path: str) -> bool:
+  """True if a frame of the exception's traceback is in the file `path`."""
+  target = os.path.abspath(path)
+  tb = e.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+      return True
+    tb = tb.tb_next
+  return isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == target
 
 
 def _root(e: BaseException) -> BaseException:
@@ -114,7 +151,7 @@ def config_error(e: BaseException, argv) -> str:
             "(python -m convstem_jax.main --config=... --helpfull lists them).")
   if isinstance(root, (AttributeError, KeyError)) and "get_config" in text:
     return f"Config file {path} defines no get_config(arg=None); add one."
-  if isinstance(root, (AttributeError, KeyError)):
+  if isinstance(root, (AttributeError, KeyError)) and not _raised_in(root, path):
     name = text.strip("'\"").splitlines()[0]
     return (f"Unknown config field {name}; check the spelling against the config "
             f"file {path}.")
@@ -146,6 +183,8 @@ def load_config(argv):
   """FLAGS.config, with a config that fails to load or override as one `error:` line."""
   try:
     config = FLAGS.config
+    if config is not None:
+      config.get("model_name")  # a file that failed to load raises on first access
   except Exception as e:  # pylint: disable=broad-except
     fail(config_error(e, argv))
   if config is None:
@@ -188,7 +227,8 @@ def quiet_library_logs():
 
 OUT_OF_MEMORY_HINT = (
     "the device ran out of memory ({what}). Lower --config.batch_size, or keep the batch "
-    "and raise --config.grad_accum_steps, or recompute activations "
+    "and raise --config.grad_accum_steps (a BatchNorm stem then normalises each smaller "
+    "micro-batch on its own statistics), or recompute activations "
     "(--config.model.remat=full), or shard the weights (--config.fsdp=True); the "
     "workdir's checkpoints are untouched and the run resumes from the latest one.")
 

@@ -56,7 +56,7 @@ def truncate_jsonl(path: epath.Path, last_step: int) -> int:
   if text != path.read_text():
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(text)
-    tmp.rename(path)
+    tmp.replace(path)  # atomic, over the old file
   return len(rows) - len(keep)
 
 

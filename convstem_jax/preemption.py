@@ -70,6 +70,48 @@ def received() -> str | None:
   return _received[0] if _received else None
 
 
+# Keys of the preemption service in the coordination service's key-value store
+# (xla/tsl/distributed_runtime/preemption/preemption_sync_manager.cc).
+_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+_COUNTER_DIR = "PREEMPTION_CURRENT_COUNTER/"
+
+
+def _missed_sync_point(start_step: int, timeout_s: float = 30.0) -> int | None:
+  """start_step + 1 if the service agreed on a step before this run's first one.
+
+  A notice that arrives before any host has told the service its step (during restore
+  or setup) makes the agreed step max(counters) + 1 = 1, which a run resuming at step s
+  never reaches. Every host posted its counter once, and they read the same values, so
+  they all decide alike: stop at the first step of this run.
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  try:
+    if client.key_value_try_get(_NOTICE_KEY) is None:
+      return None
+  except Exception:  # pylint: disable=broad-except
+    return None  # no notice (the key is missing)
+  deadline = time.monotonic() + timeout_s
+  counters = []
+  while time.monotonic() < deadline:
+    counters = [int(v) for _, v in client.key_value_dir_get(_COUNTER_DIR)]
+    if len(counters) >= jax.process_count():
+      break
+    time.sleep(0.05)
+  else:
+    logging.warning("A preemption notice arrived but not every host posted its step "
+                    "within %.0fs; relying on the preemption service alone.", timeout_s)
+    return None
+  agreed = max(counters) + 1
+  if agreed > start_step:
+    return None  # still ahead: the service reports it
+  logging.warning("A preemption notice arrived before the first step (the service agreed "
+                  "on step %d); stopping at step %d instead.", agreed, start_step + 1)
+  return start_step + 1
+
+
 class Watcher:
   """`reached(step)` is True at the one step all hosts agreed to save and stop at.
 
@@ -86,12 +128,16 @@ class Watcher:
                       "signal cannot be agreed on, and the run relies on its periodic "
                       "checkpoints.", jax.process_count())
     self.multi = jax.process_count() > 1
+    self.missed_step = None
     self.reached(start_step)
+    if self.service:
+      self.missed_step = _missed_sync_point(start_step)
 
   def reached(self, step: int) -> bool:
     if self.service:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
+      return (multihost_utils.reached_preemption_sync_point(step)
+              or step == self.missed_step)
     return not self.multi and bool(_received)
 
   @staticmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 
 import pytest
 
@@ -124,7 +125,11 @@ def test_resume_on_four_devices_continues_to_step_8(workdir, first_run, resumed_
   assert_metric_line(metrics[-1], with_eval=True)
   # 4 more steps of cosine decay from step 4's learning rate.
   assert metrics[-1]["train/lr"] < metrics[0]["train/lr"], metrics
-  assert snap["config"]["total_steps"] == 8, snap["config"]
+  # config.json stays the run's start; the resumed run's change is recorded beside it.
+  assert snap["config"]["total_steps"] == 4, snap["config"]
+  changed = json.loads((workdir / "config.4.json").read_text())
+  assert changed["total_steps"] == 8, changed
+  assert re.search(r"differs from config\.json.*total_steps: 4 -> 8", result.stderr), str(result)
 
 
 # ------------------------------------------------------------------------- eval
@@ -271,5 +276,8 @@ def test_out_of_memory_becomes_one_sentence_with_the_fixes():
   for fix in ("--config.batch_size", "--config.grad_accum_steps", "--config.model.remat",
               "--config.fsdp", "resumes"):
     assert fix in message
-  assert main.user_error(ValueError("Unknown model 'x'.")) == "Unknown model 'x'."
-  assert main.user_error(RuntimeError("an internal bug")) is None  # keeps its traceback
+  from convstem_jax import errors  # pylint: disable=g-import-not-at-top
+  assert main.user_error(errors.UserError("Unknown model 'x'.")) == "Unknown model 'x'."
+  # Faults that are not the user's keep their traceback, a ValueError from JAX included.
+  assert main.user_error(RuntimeError("an internal bug")) is None
+  assert main.user_error(ValueError("Incompatible shapes for broadcasting")) is None

@@ -123,6 +123,25 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
                              rtol=1e-4)
 
 
+def test_gradient_accumulation_advances_batchnorm_statistics_once_per_step(tmp_path):
+  """With BatchNorm (conv stem) and 2 micro-batches, the first BN layer's running mean
+  moves once per step with momentum 0.9, by the big batch's mean: the same as without
+  accumulation (each micro-batch updating it in turn would move it by 1 - 0.9^2)."""
+  base = dict(total_steps=1, checkpoint_every_steps=1, lr=0.0, weight_decay=0.0)
+  runs = {}
+  for accum in (1, 2):
+    c = tiny_config(grad_accum_steps=accum, **base)
+    train.train_and_evaluate(c, str(tmp_path / str(accum)))
+    runs[accum] = restore(tmp_path / str(accum), c)["batch_stats"]
+  one, acc = runs[1]["stem"]["norm_0"], runs[2]["stem"]["norm_0"]
+  fresh_mean = 0.0  # a fresh BatchNorm's running mean
+  moved_one = np.abs(np.asarray(one["mean"]) - fresh_mean).max()
+  assert moved_one > 1e-3  # the batch moved the statistics
+  np.testing.assert_allclose(acc["mean"], one["mean"], rtol=1e-5, atol=1e-7)
+  # Variance: the mean of the micro-batches' variances, not the big batch's.
+  assert not np.allclose(acc["var"], one["var"], rtol=1e-7, atol=0)
+
+
 def test_fsdp_shards_parameters_and_trains_the_same(tmp_path):
   mesh = shd.make_mesh()
   big = jax.ShapeDtypeStruct((192, 576), jnp.float32)

@@ -4,8 +4,7 @@
   - `num_examples`: examples in the split (all hosts together);
   - `train_batches(local_batch_size, start_step)`: an endless iterator of this process's
     share of each global batch, as numpy dicts {"image": float32 NHWC, "label": int32},
-    deterministic in (config.seed, step) so a resumed run sees the batches it would
-    have seen;
+    starting after `start_step` (see "Resuming" below);
   - `eval_batches(local_batch_size)`: one pass over this process's slice of the split,
     padded to whole batches; {"image", "label", "mask"} where mask=0 marks padding. Every
     process yields the same number of batches, so each real example counts once.
@@ -25,9 +24,13 @@ Config fields read here, each optional (default): pp_train, pp_eval (above); dat
 data_threads (tf.data private thread pool, 0 = TensorFlow's choice); shuffle_buffer (tfds,
 50,000); folder_test_fraction (0.2) and folder_split_seed (0) for single-tree folders.
 
-Train streams are resumable: file sources (elpv, folder) compute each step's batch from
-(config.seed, process, step), so a resumed run sees exactly the batches it would have
-seen; tfds streams restart with a seed that includes the resume step (tfds_source.py).
+Resuming: file sources (synthetic, elpv, folder) compute each step's batch from
+(config.seed, process, step), so a resumed run sees exactly the batches, augmentations
+included, that it would have seen: a run resumed from a checkpoint ends bitwise equal to
+one never interrupted (tests/test_resilience.py). tfds streams do NOT continue exactly:
+they restart with a shuffle seed that includes the resume step (tfds_source.py), so a
+resumed ImageNet run sees a different, equally random order; it is the same run only in
+distribution.
 
 TensorFlow (tf.data / tfds sources) is imported inside the sources that need it, never
 by `import convstem_jax.data`, the models, the train step or the benchmark.

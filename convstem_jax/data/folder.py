@@ -119,6 +119,10 @@ class FolderSource(FileSource):
     if not paths:
       raise errors.MissingInputError(f"Image folder '{tree}' holds no images; lay it out as "
                               f"{LAYOUT}.")
+    if len(classes) < 2:
+      raise errors.UserError(
+          f"Image folder {tree} has {len(classes)} class ({', '.join(classes)}); a "
+          f"classifier needs at least two class subfolders, laid out as {LAYOUT}.")
     if len(classes) > int(config.num_classes):
       raise errors.UserError(f"Image folder {root} has {len(classes)} classes but "
                        f"config.num_classes is {config.num_classes}; set it to "

@@ -63,7 +63,7 @@ def create_model(name: str, **overrides) -> ViT:
 def model_from_config(config) -> ViT:
   """The model an experiment config describes: `config.model_name` with `config.model`
   overrides, and the class count and image size of its data."""
-  overrides = dict(config.get("model", {}))
+  overrides = {k: v for k, v in dict(config.get("model", {})).items() if v is not None}
   overrides.setdefault("num_classes", config.num_classes)
   overrides.setdefault("img_size", config.image_size)
   return create_model(config.model_name, **overrides)

@@ -1,0 +1,261 @@
+"""Long runs survive preemption and crashes exactly, in real `main` processes.
+
+One ELPV run (the bundled file source) with everything that draws random numbers or
+depends on the step on: dropout, attention dropout, drop-path, mixup/CutMix, repeated
+augmentation, gradient accumulation, EMA, the per-epoch schedule and an epoch boundary
+(61 steps per epoch, 70 steps). An uninterrupted run is the reference; runs that are
+signalled (SIGTERM / SIGUSR1, plain and with a one-process distributed runtime) or
+SIGKILLed at random moments and restarted on their workdir must end with the same
+parameters, optimizer state, BatchNorm statistics and EMA weights, bit for bit, and
+with records (metrics.jsonl, TensorBoard) that hold each step exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cli_util import REPO, child_env, command, free_port, read_metrics
+
+NUM_DEVICES = 2
+TOTAL_STEPS = 70
+ELPV = [
+    "--config=configs/elpv.py:runlocal", "--config.batch_size=32",
+    f"--config.total_steps={TOTAL_STEPS}", "--config.schedule.per_epoch=True",
+    "--config.schedule.warmup_epochs=0.5", "--config.schedule.warmup_init=0.1",
+    "--config.eval_every_epochs=1",
+    "--config.checkpoint_every_steps=5", "--config.log_every_steps=1",
+    "--config.repeated_aug=2", "--config.mixup_alpha=0.8", "--config.cutmix_alpha=1.0",
+    "--config.model.dropout=0.1", "--config.model.attention_dropout=0.1",
+    "--config.model.drop_path=0.1", "--config.ema_decay=0.9",
+    "--config.grad_accum_steps=2"]
+PREEMPTED = 75
+TIMEOUT_S = 240
+STOPPED = re.compile(r"stopped at step (\d+); checkpoint (\d+) is committed")
+
+
+class Child:
+  """`python -m convstem_jax.main` in the background, its stderr in a file to poll."""
+
+  def __init__(self, workdir: pathlib.Path, *extra: str):
+    self.log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
+    self.file = open(self.log, "w")
+    self.t0 = time.perf_counter()
+    self.proc = subprocess.Popen(command(*ELPV, f"--workdir={workdir}", *extra), cwd=REPO,
+                                 env=child_env(NUM_DEVICES), stdout=self.file,
+                                 stderr=subprocess.STDOUT)
+
+  def text(self) -> str:
+    return self.log.read_text()
+
+  def wait_for(self, pattern: str, timeout: float = TIMEOUT_S) -> re.Match | None:
+    """The first match of `pattern` in the output; None if the process ended first."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+      m = re.search(pattern, self.text())
+      if m:
+        return m
+      if self.proc.poll() is not None:
+        return re.search(pattern, self.text())
+      time.sleep(0.02)
+    raise AssertionError(f"no {pattern!r} after {timeout}s:\n{self.text()[-3000:]}")
+
+  def send(self, sig: int) -> None:
+    if self.proc.poll() is None:
+      self.proc.send_signal(sig)
+
+  def finish(self) -> int:
+    try:
+      rc = self.proc.wait(timeout=TIMEOUT_S)
+    finally:
+      if self.proc.poll() is None:
+        self.proc.kill()
+      self.file.close()
+    return rc
+
+  def __str__(self) -> str:
+    return f"$ {' '.join(self.proc.args)}\n{self.text()[-6000:]}"
+
+
+def run_to_end(workdir, *extra) -> Child:
+  child = Child(workdir, *extra)
+  assert child.finish() == 0, str(child)
+  return child
+
+
+def distributed_flags() -> list[str]:
+  return [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=1",
+          "--process_id=0"]
+
+
+def saved(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
+  """Every array of checkpoint `step` (model and train state) by path, on the host."""
+  out = {}
+  for item in ("model", "train"):
+    path = workdir / "checkpoints" / str(step) / item
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path)
+    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    arrays = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    for key, value in jax.tree_util.tree_leaves_with_path(arrays):
+      out[item + jax.tree_util.keystr(key)] = np.asarray(value)
+  return out
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+  assert a.keys() == b.keys()
+  for groups in ("params", "opt_state", "batch_stats", "ema"):
+    assert any(groups in k for k in a), f"no {groups} in the checkpoint"
+  differ = [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
+            or a[k].tobytes() != b[k].tobytes()]
+  assert not differ, f"{len(differ)} of {len(a)} arrays differ, e.g. {differ[:5]}"
+
+
+def tensorboard_steps(workdir: pathlib.Path, tag: str = "train/loss") -> list[int]:
+  """The steps of every `tag` scalar in all the workdir's event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  steps = []
+  for path in sorted(workdir.glob("**/events.out.tfevents.*")):
+    for raw in tf.data.TFRecordDataset(str(path)):
+      event = tf.compat.v1.Event.FromString(raw.numpy())
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return sorted(steps)
+
+
+def assert_records_hold_every_step_once(workdir, reference) -> None:
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
+  ref = {r["step"]: r for r in read_metrics(reference)}
+  # A resumed run redoes the steps after its checkpoint exactly: the same losses.
+  assert [r["train/loss"] for r in rows] == [ref[s]["train/loss"] for s in ref]
+  assert tensorboard_steps(workdir) == list(range(1, TOTAL_STEPS + 1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, shared by this module's children: a restart
+  loads the step instead of compiling it (10 s -> 3 s here), as users are advised to do
+  for preemptible runs (README). The executables are the same, so is every bit."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    yield
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("resilience") / "uninterrupted"
+  run_to_end(workdir)
+  return workdir
+
+
+def test_uninterrupted_records_hold_every_step_once(reference):
+  assert tensorboard_steps(reference) == list(range(1, TOTAL_STEPS + 1))
+  rows = read_metrics(reference)
+  assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
+  assert "test/accuracy" in rows[60] and "test/accuracy" in rows[-1]  # epoch 1, end
+
+
+def test_sigkill_at_random_moments_then_restart_is_bitwise_equal(reference, tmp_path):
+  """SIGKILL during startup or compilation, during training, during a save; each time
+  the same command is rerun on the workdir, until it finishes."""
+  seed = int(time.time())
+  rng = random.Random(seed)
+  workdir = tmp_path / "killed"
+  moments = [("after start", None, rng.uniform(0.5, 12.0)),
+             ("during training", r"step (\d+)/", rng.uniform(0.0, 2.0)),
+             ("during a save", r"Checkpoint (\d+) started", rng.uniform(0.0, 0.05))]
+  rng.shuffle(moments)
+  history = []
+  for name, pattern, delay in moments:
+    child = Child(workdir)
+    if pattern:
+      child.wait_for(pattern)
+    time.sleep(delay if pattern else max(0.0, delay - (time.perf_counter() - child.t0)))
+    child.send(signal.SIGKILL)
+    history.append(f"{name} (+{delay:.2f}s): exit {child.finish()}")
+  final = run_to_end(workdir)
+  why = f"seed {seed}: {history}\n{final}"
+  assert_bitwise_equal(saved(workdir, TOTAL_STEPS), saved(reference, TOTAL_STEPS)), why
+  assert_records_hold_every_step_once(workdir, reference)
+
+
+STAGES = [  # (signal, when, distributed runtime)
+    (signal.SIGTERM, "compilation", False),
+    (signal.SIGTERM, "training", True),
+    (signal.SIGTERM, "save", False),
+    (signal.SIGTERM, "compilation", True),
+    (signal.SIGTERM, "training", False),
+    (signal.SIGUSR1, "save", True),   # SLURM's --signal, with the runtime up
+    (signal.SIGTERM, "save", True),
+]
+WHEN = {"compilation": r"Parameters|Resumed from checkpoint",
+        "training": r"step (\d+)/\d+  loss .* img/s", "save": r"Checkpoint (\d+) started"}
+
+
+def test_preemption_saves_the_step_reached_and_resumes_bitwise(reference, tmp_path):
+  """Each stage signals a rerun of the same command at one moment; each must save the
+  step it reached, commit it, and exit 75; the last rerun finishes."""
+  workdir = tmp_path / "preempted"
+  last = 0
+  for sig, when, distributed in STAGES:
+    child = Child(workdir, *(distributed_flags() if distributed else []))
+    child.wait_for(WHEN[when])
+    seen = child.text()
+    child.send(sig)
+    rc = child.finish()
+    where = f"{signal.Signals(sig).name} during {when}, distributed={distributed}\n{child}"
+    assert rc == PREEMPTED, where
+    if when == "compilation":
+      assert "First step" not in seen, where  # the signal did come before the first step
+    stopped = STOPPED.search(child.text())
+    assert stopped and stopped[1] == stopped[2], where
+    step = int(stopped[1])
+    assert last < step < TOTAL_STEPS, where
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()
+               if p.name.isdigit()) == step, where
+    assert (workdir / "checkpoints" / str(step) / "commit_success.txt").exists() or \
+        (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists(), where
+    assert "Traceback" not in child.text(), where
+    last = step
+  run_to_end(workdir)
+  assert_bitwise_equal(saved(workdir, TOTAL_STEPS), saved(reference, TOTAL_STEPS))
+  assert_records_hold_every_step_once(workdir, reference)
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_tmp_dirs_never_count(reference,
+                                                                         tmp_path):
+  workdir = tmp_path / "damaged"
+  shutil.copytree(reference, workdir)
+  # Bit rot in the newest checkpoint: its array files cut short.
+  for f in (workdir / "checkpoints" / str(TOTAL_STEPS) / "train").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  # A save interrupted by a crash leaves a temporary directory behind.
+  tmp = workdir / "checkpoints" / f"{TOTAL_STEPS + 5}.orbax-checkpoint-tmp-1764000000"
+  (tmp / "model").mkdir(parents=True)
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+  child = run_to_end(workdir)
+  out = child.text()
+  assert re.search(rf"checkpoints/{TOTAL_STEPS} is damaged", out), child
+  assert "different model" not in out, child
+  assert f"Resumed from checkpoint {workdir / 'checkpoints'}/65 " in out, child
+  names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  assert f"{TOTAL_STEPS}.damaged" in names, names  # kept for inspection, not deleted
+  assert not any("tmp" in n for n in names), (before, names)
+  assert_bitwise_equal(saved(workdir, TOTAL_STEPS), saved(reference, TOTAL_STEPS))
+  assert_records_hold_every_step_once(workdir, reference)
