@@ -68,6 +68,13 @@ def duration(node, name: str, steps_per_epoch: int, where: str = "") -> int:
   return max(1, int(round(epochs * steps_per_epoch))) if epochs else 0
 
 
+def get(config, name: str, prefix: str = ""):
+  """config.<name>, or the base config's default of `<prefix><name>` when the field is
+  absent (a partial config) or an unset placeholder (None)."""
+  value = config.get(name, None) if config is not None else None
+  return default(prefix + name) if value is None else value
+
+
 def default(name: str):
   """The base config's value of a field (for code given a partial config)."""
   node = base_config()

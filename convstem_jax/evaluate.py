@@ -24,6 +24,7 @@ from convstem_jax import data as data_lib
 from convstem_jax import errors
 from convstem_jax import sharding as shd
 from convstem_jax.models import model_from_config
+from convstem_jax import config as config_lib
 from convstem_jax.models.stems import BatchNorm
 
 
@@ -58,7 +59,7 @@ class Evaluator:
     self.sources = {s: data_lib.get_source(config, s) for s in self.splits}
     self.local_bs = shd.local_batch_size(config.get("eval_batch_size", config.batch_size))
     self.train_source = train_source
-    self.precise_bn_images = config.get("precise_bn_images", 0)
+    self.precise_bn_images = config_lib.get(config, "precise_bn_images")
 
     def bn_step(params, batch_stats, batch):
       # Running stats start at zero, so one update leaves (1 - momentum) x batch stats.
@@ -168,14 +169,14 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str,
   saved = ckpt.model_shapes(step)
   if saved.get("ema"):
     abstract["ema"] = dict(abstract)
-  shardings = shd.state_shardings(abstract, mesh, config.get("fsdp", False))
+  shardings = shd.state_shardings(abstract, mesh, config_lib.get(config, "fsdp"))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   t0 = time.perf_counter()
   restored = ckpt.restore_model(step, target)
   logging.info("Restored step %d in %.2fs", step, time.perf_counter() - t0)
-  train_source = (data_lib.get_source(config, config.get("train_split", "train"))
-                  if config.get("precise_bn_images", 0) else None)
+  train_source = (data_lib.get_source(config, config_lib.get(config, "train_split"))
+                  if config_lib.get(config, "precise_bn_images") else None)
   evaluator = Evaluator(config, model, mesh, train_source=train_source)
   results = evaluator.run(restored["params"], restored["batch_stats"],
                           restored.get("ema"))

@@ -54,7 +54,7 @@ def base_lr(config) -> float:
   lr = float(config.lr)
   if lr < 0:
     raise errors.UserError(f"config.lr is {lr}; a learning rate must not be negative.")
-  batch_base = _get(config, "lr_batch_base", 0)
+  batch_base = config_lib.get(config, "lr_batch_base")
   if batch_base:
     lr = lr * int(config.batch_size) / float(batch_base)
   return lr
@@ -88,21 +88,21 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
     with w = init / lr. Epoch 0 -> init; the last epoch E-1 stays slightly
     above the floor, as in pycls.
   """
-  sched = config.get("schedule", None)
+  sched = config_lib.get(config, "schedule")
   lr = base_lr(config)
-  warmup_steps = config_lib.duration(sched, "warmup", steps_per_epoch, "schedule") \
-      if sched is not None else 0
-  warmup_init = float(_get(sched, "warmup_init", 0.0))
-  decay = _get(sched, "decay", "cosine")
+  warmup_steps = config_lib.duration(sched, "warmup", steps_per_epoch, "schedule")
+  warmup_init = float(config_lib.get(sched, "warmup_init", "schedule."))
+  decay = config_lib.get(sched, "decay", "schedule.")
   if decay not in DECAYS:
     raise errors.UserError(f"Unknown schedule.decay '{decay}'; valid: {', '.join(DECAYS)}.")
-  end_lr = _get(sched, "end_lr", None)
-  floor = float(end_lr) if end_lr is not None else float(_get(sched, "end_factor", 0.0)) * lr
-  per_epoch = bool(_get(sched, "per_epoch", False))
+  end_lr = config_lib.get(sched, "end_lr", "schedule.")
+  floor = (float(end_lr) if end_lr is not None
+           else float(config_lib.get(sched, "end_factor", "schedule.")) * lr)
+  per_epoch = bool(config_lib.get(sched, "per_epoch", "schedule."))
   if total_steps <= 0 or steps_per_epoch <= 0:
     raise errors.UserError(f"Need total_steps > 0 and steps_per_epoch > 0, got "
                            f"{total_steps} and {steps_per_epoch}.")
-  warmup_lr = _get(sched, "warmup_lr", None)
+  warmup_lr = config_lib.get(sched, "warmup_lr", "schedule.")
   init = float(warmup_lr) if warmup_lr is not None else warmup_init * lr
   warmup_init = init / lr if lr else 0.0  # the per-epoch warmup is a factor of lr
 
@@ -159,8 +159,8 @@ def decay_mask(params, config=None):
   decays both, DeiT / timm do not. Decided by the path's names, so it works for any flax model (and
   on `jax.eval_shape` outputs); a trailing `value` (boxed params) is skipped.
   """
-  wd_posemb = bool(_get(config, "wd_posemb", config_lib.default("wd_posemb")))
-  wd_cls = bool(_get(config, "wd_cls", config_lib.default("wd_cls")))
+  wd_posemb = bool(config_lib.get(config, "wd_posemb"))
+  wd_cls = bool(config_lib.get(config, "wd_cls"))
 
   def decide(path, leaf) -> bool:
     names = [_key_name(p) for p in path]
@@ -202,10 +202,10 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
   schedule = make_schedule(config, steps_per_epoch, total_steps)
   lr = schedule
 
-  name = _get(config, "optimizer", "adamw")
-  kw = config.get("optimizer_kw", None)
-  wd = float(_get(config, "weight_decay", 0.0))
-  mu_dtype = _get(config, "mu_dtype", None)
+  name = config_lib.get(config, "optimizer")
+  kw = config_lib.get(config, "optimizer_kw")
+  wd = float(config_lib.get(config, "weight_decay"))
+  mu_dtype = config_lib.get(config, "mu_dtype")
   if mu_dtype is not None:
     if mu_dtype not in _DTYPES:
       raise errors.UserError(f"Unknown mu_dtype '{mu_dtype}'; valid: {', '.join(_DTYPES)}.")
@@ -236,7 +236,7 @@ def make_optimizer(config, params, steps_per_epoch: int, total_steps: int
   else:
     raise errors.UserError(f"Unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}.")
 
-  clip = _get(config, "grad_clip_norm", 0.0)
+  clip = config_lib.get(config, "grad_clip_norm")
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
   return tx, schedule
@@ -258,21 +258,21 @@ def ema_schedule(config, steps_per_epoch: int, total_steps: int):
   `ema_copy_steps` / `ema_copy_epochs` the decay is 0: pycls copies the model into its
   EMA during the warmup epochs.
   """
-  fixed = float(_get(config, "ema_decay", 0.0))
-  alpha = float(_get(config, "ema_pycls_alpha", 0.0))
+  fixed = float(config_lib.get(config, "ema_decay"))
+  alpha = float(config_lib.get(config, "ema_pycls_alpha"))
   if fixed and alpha:
     raise errors.UserError(f"config.ema_decay={fixed} and config.ema_pycls_alpha={alpha} "
                            "are both set; keep one and set the other to 0.")
   if not (0.0 <= fixed < 1.0) or alpha < 0:
     raise errors.UserError(f"config.ema_decay must be in [0, 1) (0 = off), got {fixed}.")
   if alpha:
-    period = int(_get(config, "ema_pycls_period", config_lib.default("ema_pycls_period")))
+    period = int(config_lib.get(config, "ema_pycls_period"))
     epochs = total_steps / steps_per_epoch
     mix = min(1.0, alpha * int(config.batch_size) / epochs * period)
     fixed = (1.0 - mix) ** (1.0 / period)
   if not fixed and not alpha:
     return None
-  warmup = bool(_get(config, "ema_warmup", False))
+  warmup = bool(config_lib.get(config, "ema_warmup"))
   copy_steps = config_lib.duration(config, "ema_copy", steps_per_epoch)
 
   def decay_at(step):

@@ -10,15 +10,19 @@ import optax
 import pytest
 
 from convstem_jax import errors
+from convstem_jax import config as config_lib
 from convstem_jax import optim
 from convstem_jax.models import variants
 
 
 def make_config(**kw):
-  schedule = kw.pop("schedule", {})
-  cfg = ml_collections.ConfigDict({**dict(lr=1e-3, batch_size=2048, optimizer="adamw",
-                                          weight_decay=0.0), **kw})
-  cfg.schedule = ml_collections.ConfigDict(schedule)
+  """The base config (its defaults for every field not given), lr not batch-scaled and
+  no warmup unless the test sets one."""
+  schedule = {"warmup_steps": 0, "warmup_epochs": 0.0, **kw.pop("schedule", {})}
+  cfg = config_lib.base_config()
+  cfg.update(dict(lr=1e-3, batch_size=2048, optimizer="adamw", weight_decay=0.0,
+                  lr_batch_base=0), **kw)
+  cfg.schedule.update(schedule)
   return cfg
 
 
@@ -96,7 +100,7 @@ def test_lr_batch_scaling():
   np.testing.assert_allclose(float(optim.make_schedule(cfg, 10, 100)(0)), 2.5e-4, rtol=1e-6)
   cfg.grad_accum_steps = 4  # micro-batches of the same global batch: no change
   np.testing.assert_allclose(optim.base_lr(cfg), 2.5e-4, rtol=1e-6)
-  del cfg["lr_batch_base"]  # unset: no scaling
+  cfg.lr_batch_base = 0  # 0: no scaling
   assert optim.base_lr(cfg) == 5e-4
 
 
@@ -229,7 +233,8 @@ def test_lamb_builds_and_matches_optax():
                                  params)
   cfg = constant_lr(0.01, optimizer="lamb", weight_decay=0.1)
   tx, _ = optim.make_optimizer(cfg, params, 10, 100)
-  ref = optax.lamb(0.01, weight_decay=0.1, mask=optim.decay_mask(params, cfg))
+  ref = optax.lamb(0.01, eps=cfg.optimizer_kw.eps, weight_decay=0.1,
+                   mask=optim.decay_mask(params, cfg))
   ours, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   theirs, _ = jax.jit(ref.update)(grads, ref.init(params), params)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours,

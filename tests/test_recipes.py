@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cli_util import REPO
+from convstem_jax import errors
 from convstem_jax import main as main_lib
 from convstem_jax import optim
 from convstem_jax import sharding as shd
@@ -182,3 +183,19 @@ def test_schedule_peaks_at_lr_and_ends_at_its_floor(name):
   assert values.max() <= optim.base_lr(config) * (1 + 1e-6) and values.min() >= 0
   assert values[-1] < values.max() / 10, values  # decays
   assert np.all(np.diff(values[peak:]) <= 0), values  # monotone after the peak
+
+
+def test_one_unit_on_the_command_line_clears_the_other():
+  """The file's checkpoint_every_steps=1000 must not win over a command-line
+  checkpoint_every_epochs=1, nor its warmup_steps over warmup_epochs."""
+  config = load("elpv.py", "--config.checkpoint_every_epochs=1",
+                "--config.schedule.warmup_epochs=2")
+  run = train.durations(config, 1970)
+  assert run.checkpoint_every == run.steps_per_epoch == 1970 // 64
+  _, lr, _ = run_plan(config, 1970)
+  assert lr(2 * run.steps_per_epoch) == pytest.approx(1e-3, rel=1e-6)
+  assert lr(run.steps_per_epoch) == pytest.approx(0.5e-3, rel=1e-6)
+  both = load("elpv.py", "--config.checkpoint_every_epochs=1",
+              "--config.checkpoint_every_steps=7")
+  with pytest.raises(errors.UserError, match="both set"):
+    train.durations(both, 1970)

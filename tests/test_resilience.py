@@ -167,6 +167,7 @@ def test_uninterrupted_records_hold_every_step_once(reference):
   rows = read_metrics(reference)
   assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
   assert "test/accuracy" in rows[60] and "test/accuracy" in rows[-1]  # epoch 1, end
+  assert rows[-1]["test/count"] == 654  # every ELPV test image once
 
 
 def test_sigkill_at_random_moments_then_restart_is_bitwise_equal(reference, tmp_path):

@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from convstem_jax.data.files import FileSource
+from convstem_jax import config as config_lib
 from convstem_jax import errors
 
 SPLIT_SEED = 0
@@ -76,6 +77,6 @@ class ElpvSource(FileSource):
     if int(config.num_classes) != NUM_CLASSES:
       raise errors.UserError(f"ELPV has {NUM_CLASSES} classes; set config.num_classes = 4 "
                        f"(it is {config.num_classes}).")
-    paths, labels, types = read_table(config.get("data_dir", "") or None)
+    paths, labels, types = read_table(config_lib.get(config, "data_dir") or None)
     index = split_indices(labels, types)[split]
     super().__init__(config, split, paths[index], labels[index])

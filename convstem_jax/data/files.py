@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from convstem_jax.data import common
+from convstem_jax import config as config_lib
 from convstem_jax import errors
 
 
@@ -54,7 +55,7 @@ def pp_spec(config, train: bool) -> str:
 def _options(tf, config):
   opts = tf.data.Options()
   opts.deterministic = True
-  threads = int(config.get("data_threads", 0))
+  threads = int(config_lib.get(config, "data_threads"))
   if threads:
     opts.threading.private_threadpool_size = threads
   return opts
@@ -95,7 +96,7 @@ class FileSource:
     start = int(start_step) * local_batch_size
     first_epoch, offset = divmod(start, n)
 
-    repeats = max(1, int(self.config.get("repeated_aug", 1)))
+    repeats = max(1, int(config_lib.get(self.config, "repeated_aug")))
 
     def epoch(e):
       perm = tf.random.experimental.stateless_shuffle(

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from convstem_jax.data.files import FileSource
+from convstem_jax import config as config_lib
 from convstem_jax import errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -90,7 +91,7 @@ def stratified_split(labels, fraction: float, seed: int) -> dict[str, np.ndarray
 class FolderSource(FileSource):
 
   def __init__(self, config, split: str):
-    root = config.get("data_dir", "")
+    root = config_lib.get(config, "data_dir")
     if not root or not os.path.isdir(root):
       raise errors.MissingInputError(
           f"Image folder '{root}' does not exist; set --config.data_dir to a folder laid "
@@ -128,8 +129,8 @@ class FolderSource(FileSource):
                        f"config.num_classes is {config.num_classes}; set it to "
                        f"{len(classes)}.")
     if not split_dirs:
-      index = stratified_split(labels, float(config.get("folder_test_fraction", 0.2)),
-                               int(config.get("folder_split_seed", 0)))[want]
+      index = stratified_split(labels, float(config_lib.get(config, "folder_test_fraction")),
+                               int(config_lib.get(config, "folder_split_seed")))[want]
       paths, labels = list(np.asarray(paths)[index]), list(np.asarray(labels)[index])
     self.classes = classes
     super().__init__(config, split, paths, labels)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from convstem_jax import config as config_lib
 from convstem_jax import optim
 
 
@@ -108,14 +109,14 @@ def mix(rng, images, one_hot, *, mixup_alpha: float = 0.8, cutmix_alpha: float =
 
 
 def enabled(config) -> bool:
-  return config.get("mixup_alpha", 0.0) > 0 or config.get("cutmix_alpha", 0.0) > 0
+  return config_lib.get(config, "mixup_alpha") > 0 or config_lib.get(config, "cutmix_alpha") > 0
 
 
 def mix_from_config(config, rng, images, one_hot):
   """`mix` with the config's alphas, switch and apply probabilities and label smoothing."""
   return mix(rng, images, one_hot,
-             mixup_alpha=float(config.get("mixup_alpha", 0.0)),
-             cutmix_alpha=float(config.get("cutmix_alpha", 0.0)),
-             switch_prob=float(config.get("mixup_switch_prob", 0.5)),
-             prob=float(config.get("mixup_prob", 1.0)),
-             smoothing=float(config.get("label_smoothing", 0.0)))
+             mixup_alpha=float(config_lib.get(config, "mixup_alpha")),
+             cutmix_alpha=float(config_lib.get(config, "cutmix_alpha")),
+             switch_prob=float(config_lib.get(config, "mixup_switch_prob")),
+             prob=float(config_lib.get(config, "mixup_prob")),
+             smoothing=float(config_lib.get(config, "label_smoothing")))

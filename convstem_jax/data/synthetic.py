@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from convstem_jax import config as config_lib
 from convstem_jax.data import common
 
 _SPLIT_IDS = {"train": 0}
@@ -24,7 +25,7 @@ class SyntheticSource:
     self.seed = int(config.seed)
     self.image_size = int(config.image_size)
     self.num_classes = int(config.num_classes)
-    self.noise = float(config.get("synthetic_noise", 1.0))
+    self.noise = float(config_lib.get(config, "synthetic_noise"))
     key = "synthetic_train_examples" if split == "train" else "synthetic_eval_examples"
     self.num_examples = int(config.get(key, 50_000 if split == "train" else 1_000))
     templates = np.random.default_rng([self.seed, 12345]).normal(

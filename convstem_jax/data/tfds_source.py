@@ -31,6 +31,7 @@ import os
 from convstem_jax.data import common
 from convstem_jax.data.files import (eval_batches_of, import_tf, pp_spec,
                                      train_batches_of)
+from convstem_jax import config as config_lib
 from convstem_jax import errors
 
 _PREPARE = {
@@ -41,7 +42,7 @@ _PREPARE = {
 
 
 def data_dir_for(config) -> str | None:
-  return config.get("data_dir", "") or os.environ.get("TFDS_DATA_DIR") or None
+  return config_lib.get(config, "data_dir") or os.environ.get("TFDS_DATA_DIR") or None
 
 
 class TfdsSource:
@@ -134,10 +135,10 @@ class TfdsSource:
     order_seed = common.seed_for(self.seed, "order", self.split, self.index, start_step)
     aug_seed = common.seed_for(self.seed, "augment", self.split, self.index, start_step)
     ds = self._dataset(shuffle=True, seed=order_seed % 2 ** 31)
-    buffer = int(self.config.get("shuffle_buffer", 50_000))
+    buffer = int(config_lib.get(self.config, "shuffle_buffer"))
     ds = ds.shuffle(max(1, min(buffer, self.num_examples // self.count + 1)),
                     seed=order_seed % 2 ** 31, reshuffle_each_iteration=True).repeat()
-    repeats = max(1, int(self.config.get("repeated_aug", 1)))
+    repeats = max(1, int(config_lib.get(self.config, "repeated_aug")))
     if repeats > 1:
       ds = self._repeat_each(tf, ds, repeats)
     ds = tf.data.Dataset.zip(tf.data.Dataset.range(2 ** 62), ds).map(
