@@ -15,7 +15,8 @@ Who notices the signal:
   step boundary.
 Handlers are installed before the distributed runtime starts (`install`), so a signal
 during imports, restore or compilation is not lost: it is honoured at the first step
-boundary after it. A signal during an eval lets the eval finish; the save follows at
+boundary after it (with the runtime up, a notice that the service turned into a step
+before this run's first one is caught by `_missed_sync_point`). A signal during an eval lets the eval finish; the save follows at
 the end of that step or the next one.
 """
 

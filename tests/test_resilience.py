@@ -3,7 +3,7 @@
 One ELPV run (the bundled file source) with everything that draws random numbers or
 depends on the step on: dropout, attention dropout, drop-path, mixup/CutMix, repeated
 augmentation, gradient accumulation, EMA, the per-epoch schedule and an epoch boundary
-(61 steps per epoch, 70 steps). An uninterrupted run is the reference; runs that are
+(61 steps per epoch, 70 steps), evals every 20 steps. An uninterrupted run is the reference; runs that are
 signalled (SIGTERM / SIGUSR1, plain and with a one-process distributed runtime) or
 SIGKILLed at random moments and restarted on their workdir must end with the same
 parameters, optimizer state, BatchNorm statistics and EMA weights, bit for bit, and
@@ -31,11 +31,12 @@ from cli_util import REPO, child_env, command, free_port, read_metrics
 
 NUM_DEVICES = 2
 TOTAL_STEPS = 70
+EVAL_EVERY = 20
 ELPV = [
     "--config=configs/elpv.py:runlocal", "--config.batch_size=32",
     f"--config.total_steps={TOTAL_STEPS}", "--config.schedule.per_epoch=True",
     "--config.schedule.warmup_epochs=0.5", "--config.schedule.warmup_init=0.1",
-    "--config.eval_every_epochs=1",
+    f"--config.eval_every_steps={EVAL_EVERY}",
     "--config.checkpoint_every_steps=5", "--config.log_every_steps=1",
     "--config.repeated_aug=2", "--config.mixup_alpha=0.8", "--config.cutmix_alpha=1.0",
     "--config.model.dropout=0.1", "--config.model.attention_dropout=0.1",
@@ -166,7 +167,7 @@ def test_uninterrupted_records_hold_every_step_once(reference):
   assert tensorboard_steps(reference) == list(range(1, TOTAL_STEPS + 1))
   rows = read_metrics(reference)
   assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
-  assert "test/accuracy" in rows[60] and "test/accuracy" in rows[-1]  # epoch 1, end
+  assert "test/accuracy" in rows[EVAL_EVERY - 1] and "test/accuracy" in rows[-1]
   assert rows[-1]["test/count"] == 654  # every ELPV test image once
 
 
@@ -197,6 +198,7 @@ def test_sigkill_at_random_moments_then_restart_is_bitwise_equal(reference, tmp_
 STAGES = [  # (signal, when, distributed runtime)
     (signal.SIGTERM, "compilation", False),
     (signal.SIGTERM, "training", True),
+    (signal.SIGTERM, "eval", False),
     (signal.SIGTERM, "save", False),
     (signal.SIGTERM, "compilation", True),
     (signal.SIGTERM, "training", False),
@@ -214,7 +216,9 @@ def test_preemption_saves_the_step_reached_and_resumes_bitwise(reference, tmp_pa
   last = 0
   for sig, when, distributed in STAGES:
     child = Child(workdir, *(distributed_flags() if distributed else []))
-    child.wait_for(WHEN[when])
+    eval_step = (last // EVAL_EVERY + 1) * EVAL_EVERY
+    # The step line of an eval step is logged just before its eval starts.
+    child.wait_for(rf"step {eval_step}/" if when == "eval" else WHEN[when])
     seen = child.text()
     child.send(sig)
     rc = child.finish()
@@ -222,6 +226,9 @@ def test_preemption_saves_the_step_reached_and_resumes_bitwise(reference, tmp_pa
     assert rc == PREEMPTED, where
     if when == "compilation":
       assert "First step" not in seen, where  # the signal did come before the first step
+    if when == "eval":  # the eval finished, then the next step was saved
+      assert f"step {eval_step} eval:" not in seen, where
+      assert f"step {eval_step} eval:" in child.text(), where
     stopped = STOPPED.search(child.text())
     assert stopped and stopped[1] == stopped[2], where
     step = int(stopped[1])

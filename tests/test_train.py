@@ -281,3 +281,10 @@ def test_train_step_compiles_once(tmp_path, caplog):
   compiles = [r.getMessage() for r in caplog.records
               if "Finished XLA compilation of jit(train_step)" in r.getMessage()]
   assert len(compiles) == 1, compiles
+
+
+def test_eta_of_a_multi_day_run_does_not_wrap():
+  from convstem_jax import metrics  # pylint: disable=g-import-not-at-top
+  assert metrics.format_duration(3 * 86400 + 2 * 3600 + 5) == "3d 02:00:05"
+  assert metrics.format_duration(59) == "00:00:59"
+  assert metrics.format_duration(float("inf")) == "?"
