@@ -175,7 +175,7 @@ def plan_state(config, model, mesh, steps_per_epoch: int, total_steps: int) -> S
   ema_decay = optim.ema_schedule(config, steps_per_epoch, total_steps)
   init_state = make_init_state(model, tx, ema_decay is not None)
   abstract_state = jax.eval_shape(init_state, rng)
-  state_sharding = shd.state_shardings(abstract_state, mesh, config.get("fsdp", False))
+  state_sharding = shd.state_shardings(abstract_state, mesh, config_lib.get(config, "fsdp"))
   return StatePlan(tx, schedule, ema_decay, init_state, abstract_state, state_sharding)
 
 
@@ -198,7 +198,7 @@ def make_train_step(config, model, plan: StatePlan):
         f"grad_accum_steps={accum} micro-batches of a global batch of {config.batch_size} "
         f"do not split evenly over {jax.device_count()} devices; make batch_size a "
         "multiple of grad_accum_steps x devices.")
-  smoothing = config.get("label_smoothing", 0.0)
+  smoothing = config_lib.get(config, "label_smoothing")
   use_mixing = mixup_lib.enabled(config)  # mixup / CutMix inside the step (data/mixup.py)
 
   def loss_fn(params, batch_stats, batch, rng):

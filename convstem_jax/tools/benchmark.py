@@ -169,7 +169,7 @@ def benchmark_config(model_name: str, batch_size: int, num_classes: int, img_siz
   for k, v in model_overrides.items():
     c.model[k] = v
   for k, v in config_overrides.items():
-    if k not in c and k not in ("mu_dtype", "ema_warmup", "ema_copy_steps"):
+    if k not in c:
       print(f"note: '{k}' is not a field of the base config; check its spelling.")
     c[k] = v
   return c
@@ -185,7 +185,7 @@ def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float
   from convstem_jax.models import model_from_config  # pylint: disable=g-import-not-at-top
 
   model = model_from_config(config)
-  mesh = shd.make_mesh(config.get("mesh", ((shd.DATA, -1),)))
+  mesh = shd.make_mesh(config.mesh)
   local_bs = shd.local_batch_size(config.batch_size)
   plan = train_lib.plan_state(config, model, mesh, config.total_steps, config.total_steps)
   state = jax.jit(plan.init_state, out_shardings=plan.state_sharding)(
