@@ -24,6 +24,7 @@ position embedding and class token (`wd_posemb=False`, `wd_cls=False`).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -114,6 +115,10 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
     return jnp.full_like(frac, lr)
 
   if per_epoch:
+    if warmup_steps > 0 and init == 0.0:
+      logging.warning("schedule.per_epoch with warmup_init=0 (and no warmup_lr): the lr "
+                      "is 0 for the whole first epoch, which trains nothing; pycls starts "
+                      "at warmup_init=0.1.")
     total_epochs = total_steps / steps_per_epoch
     warmup_epochs = warmup_steps / steps_per_epoch
 
