@@ -3,9 +3,9 @@
 Layout: `<workdir>/checkpoints/<step>/{model, train}`. `model` holds what evaluation
 needs (params, batch_stats, ema); `train` the rest of the run (step, opt_state,
 rng). Saving is asynchronous and committed atomically by orbax, so a preempted save
-leaves the previous checkpoint intact; leftover `<step>.orbax-checkpoint-tmp-*` directories of an
-interrupted save are never counted as steps (and are removed when a manager that writes
-starts). Restores always target abstract arrays carrying the *current* shardings, so a
+leaves the previous checkpoint intact; leftover `<step>.orbax-checkpoint-tmp-*`
+directories of an interrupted save are never counted as steps (and are removed when a
+manager that writes starts). Restores always target abstract arrays carrying the *current* shardings, so a
 run saved on 8 devices resumes on 4, or on another host count. Before any array is read,
 names and shapes are checked against the checkpoint's metadata: a checkpoint of another
 model is the user's mistake (`CheckpointMismatchError`), one whose files do not read back

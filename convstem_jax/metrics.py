@@ -2,9 +2,9 @@
 
 Process 0 writes; other processes only log. A run resumed at step s first drops the
 records of steps after s (`MetricsWriter(resume_step=s)`): they came from work the
-crash lost and the loop is about to redo, so every logged step is recorded once. clu's writers are imported when a writer is
-made, not at import, because they pull in TensorFlow (TensorBoard summaries), which
-the models and the train step must not import.
+crash lost and the loop is about to redo, so every logged step is recorded once.
+clu's writers are imported when a writer is made, not at import, because they pull in
+TensorFlow (TensorBoard summaries), which the models and the train step must not import.
 """
 
 from __future__ import annotations
