@@ -145,10 +145,9 @@ def config_error(e: BaseException, argv) -> str:
   if isinstance(root, SyntaxError):
     return (f"Config file {root.filename or path} has a syntax error at line "
             f"{root.lineno}: {root.msg}; fix the file.")
-  missing = re.search(r"Did you mean \"(\w+)\" instead of \"(\w+)\"", text)
-  if missing:
-    return (f"Unknown config field '{missing[2]}'; did you mean '{missing[1]}'? "
-            "(python -m convstem_jax.main --config=... --helpfull lists them).")
+  message = unknown_field(root, argv)
+  if message:
+    return message
   if isinstance(root, (AttributeError, KeyError)) and "get_config" in text:
     return f"Config file {path} defines no get_config(arg=None); add one."
   if isinstance(root, (AttributeError, KeyError)) and not _raised_in(root, path):

@@ -50,10 +50,11 @@ def truncate_jsonl(path: epath.Path, last_step: int) -> int:
   """Keeps the rows of steps <= last_step (atomically); returns how many it dropped."""
   if not path.exists():
     return 0
-  rows = _parse_lines(path.read_text())
+  old = path.read_text()
+  rows = _parse_lines(old)
   keep = [r for r in rows if int(r.get("step", 0)) <= last_step]
   text = "".join(json.dumps(r) + "\n" for r in keep)
-  if text != path.read_text():
+  if text != old:
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)  # atomic, over the old file

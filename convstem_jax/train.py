@@ -22,6 +22,7 @@ and the step; `tools/benchmark.py` uses them too, so it times the very step trai
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Callable, NamedTuple
@@ -113,7 +114,6 @@ def write_config(config, workdir: str, start: int) -> None:
   if start == 0 or not path.exists():
     path.write_text(text)
     return
-  import json  # pylint: disable=g-import-not-at-top
   try:
     before = json.loads(path.read_text())
   except ValueError:
