@@ -98,7 +98,9 @@ def base_config():
       # Regularisation; None keeps the variant's own value (models/variants.py).
       dropout=ml_collections.config_dict.placeholder(float),
       attention_dropout=ml_collections.config_dict.placeholder(float),
-      drop_path=ml_collections.config_dict.placeholder(float)))
+      drop_path=ml_collections.config_dict.placeholder(float),
+      # 1e-6 (timm, big_vision); 1e-5 to run pycls's (Xiao et al.'s) weights exactly.
+      layer_norm_eps=ml_collections.config_dict.placeholder(float)))
   # Data.
   c.dataset = "imagenet2012"
   c.data_dir = ""                 # '' = $TFDS_DATA_DIR or tfds' default
@@ -168,7 +170,16 @@ def base_config():
   # Where it runs.
   c.mesh = (("data", -1),)        # the only axis implemented; weights shard with fsdp
   c.fsdp = False
-  c.init_from = ""                # another run's workdir or checkpoint path
+  # Start from other weights (convstem_jax/weights): one of our workdirs or checkpoint
+  # dirs, a big_vision / vit_jax .npz, a timm .safetensors / .pth, a pycls .pyth.
+  # Loading is strict: every variable must be found at its shape, every weight used.
+  c.init_from = ""
+  c.init_from_ema = False         # take the source's EMA weights (ours, pycls, timm)
+  # Regexes (full match) of names that start fresh: model variables as
+  # 'params/head/kernel', or source keys to leave unused. A head whose class count
+  # differs always starts fresh; a learned position embedding of another grid is
+  # resampled (bilinear, class token kept apart).
+  c.init_from_fresh = ()
   c.profile_steps = ()            # (first step, number of steps) to trace on host 0
   # Synthetic data (dataset='synthetic'): sizes of its splits and its noise.
   c.synthetic_train_examples = 50_000

@@ -1,4 +1,4 @@
-"""Exact evaluation (during training and from a checkpoint), precise BN, init_from.
+"""Exact evaluation (during training, from a checkpoint or imported weights), precise BN.
 
 Eval batches are padded to whole batches with a mask on every host, so each example of
 a split counts exactly once whatever the host count or batch size. Sums (loss, top-1,
@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import traverse_util
 
 from convstem_jax import checkpoint as ckpt_lib
 from convstem_jax import data as data_lib
 from convstem_jax import errors
 from convstem_jax import sharding as shd
+from convstem_jax import weights
 from convstem_jax.models import model_from_config
 from convstem_jax import config as config_lib
 from convstem_jax.models.stems import BatchNorm
@@ -121,48 +121,22 @@ def _map_bn(fn, tree):
   return {k: _map_bn(fn, v) for k, v in tree.items()}
 
 
-def load_init_from(path: str, state, state_sharding):
-  """Start from another run's weights; a head of another class count stays fresh."""
-  ckpt, step = ckpt_lib.resolve(path)
-  saved = ckpt.model_shapes(step)
-  target, fresh = {}, []
-  for part in ("params", "batch_stats"):
-    saved_shapes = traverse_util.flatten_dict(saved.get(part) or {})
-    shardings = traverse_util.flatten_dict(getattr(state_sharding, part))
-    keep = {}
-    for key, leaf in traverse_util.flatten_dict(getattr(state, part)).items():
-      name, shape = "/".join((part, *key)), saved_shapes.get(key)
-      if shape is not None and tuple(shape) != leaf.shape and key[0] != "head":
-        raise errors.UserError(
-            f"init_from: {name} has shape {tuple(shape)} in {path} but {leaf.shape} here; "
-            "only the head may differ (same model, other classes).")
-      if shape is None or tuple(shape) != leaf.shape:
-        fresh.append(name)
-      else:
-        keep[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[key])
-    target[part] = traverse_util.unflatten_dict(keep)
-  restored = ckpt.restore_model(step, target)
-  merged = {part: traverse_util.unflatten_dict({
-      **traverse_util.flatten_dict(getattr(state, part)),
-      **traverse_util.flatten_dict(restored.get(part) or {})})
-      for part in ("params", "batch_stats")}
-  logging.info("Initialised from %s step %d; kept fresh: %s", ckpt.directory, step,
-               ", ".join(fresh) or "nothing")
-  return state.replace(**merged, ema=dict(merged) if state.ema else state.ema)
-
-
 def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str, float]:
-  """--mode=eval: restore the model part of a checkpoint and evaluate every split.
+  """--mode=eval: evaluate every split with a run's weights, or with imported ones.
 
-  `checkpoint`: '' (the workdir's latest), a step number, or a path to a workdir /
+  `checkpoint`: '' (the workdir's latest; with no checkpoint there, `config.init_from`:
+  imported weights evaluated as they are), a step number, or a path to a workdir /
   checkpoints dir / step dir. Only params, batch_stats and EMA weights are read.
   """
+  mesh = shd.make_mesh(config.mesh)
+  model = model_from_config(config)
+  if (not checkpoint and config_lib.get(config, "init_from")
+      and not ckpt_lib.checkpoint_dir(workdir).exists()):
+    return _evaluate_imported(config, model, mesh, workdir)
   if checkpoint.isdigit():
     ckpt, step = ckpt_lib.resolve(workdir, int(checkpoint))
   else:
     ckpt, step = ckpt_lib.resolve(checkpoint or workdir)
-  mesh = shd.make_mesh(config.mesh)
-  model = model_from_config(config)
   x = jnp.zeros((1, model.img_size, model.img_size, 3))
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
@@ -175,12 +149,43 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str,
   t0 = time.perf_counter()
   restored = ckpt.restore_model(step, target)
   logging.info("Restored step %d in %.2fs", step, time.perf_counter() - t0)
+  results = _evaluator(config, model, mesh).run(
+      restored["params"], restored["batch_stats"], restored.get("ema"))
+  results["step"] = step
+  _write(workdir, f"eval_{step}.json", results)
+  return results
+
+
+def _evaluate_imported(config, model, mesh, workdir: str) -> dict[str, float]:
+  """Imported weights (config.init_from), evaluated without training."""
+  flat = weights.import_weights(config.init_from, model,
+                                ema=config_lib.get(config, "init_from_ema"),
+                                fresh=tuple(config_lib.get(config, "init_from_fresh")))
+  fresh = sorted(set(weights.core.expected_shapes(model)) - set(flat))
+  if fresh:
+    raise errors.UserError(
+        f"--mode=eval with init_from={config.init_from}: {', '.join(fresh)} would start "
+        "fresh (init_from_fresh, or a head of another class count), so the result would "
+        "mean nothing; fine-tune first, or evaluate with the matching class count.")
+  variables = weights.core.unflatten(flat)
+  abstract = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  shardings = shd.state_shardings(abstract, mesh, config_lib.get(config, "fsdp"))
+  placed = jax.tree.map(lambda v, s: jax.make_array_from_callback(
+      v.shape, s, lambda idx, v=v: v[idx]), abstract, shardings)
+  logging.info("Evaluating the weights of %s as imported.", config.init_from)
+  results = _evaluator(config, model, mesh).run(placed["params"], placed["batch_stats"])
+  results["init_from"] = config.init_from
+  _write(workdir, "eval_init_from.json", results)
+  return results
+
+
+def _evaluator(config, model, mesh) -> Evaluator:
   train_source = (data_lib.get_source(config, config_lib.get(config, "train_split"))
                   if config_lib.get(config, "precise_bn_images") else None)
-  evaluator = Evaluator(config, model, mesh, train_source=train_source)
-  results = evaluator.run(restored["params"], restored["batch_stats"],
-                          restored.get("ema"))
-  results["step"] = step
+  return Evaluator(config, model, mesh, train_source=train_source)
+
+
+def _write(workdir: str, name: str, results: dict) -> None:
   if jax.process_index() == 0:
-    (epath.Path(workdir) / f"eval_{step}.json").write_text(json.dumps(results, indent=2))
-  return results
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / name).write_text(json.dumps(results, indent=2))

@@ -44,6 +44,7 @@ from convstem_jax import metrics as metrics_lib
 from convstem_jax import optim
 from convstem_jax import preemption
 from convstem_jax import sharding as shd
+from convstem_jax import weights
 from convstem_jax.data import mixup as mixup_lib
 from convstem_jax.models import model_from_config
 
@@ -333,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = 0
     state = jax.jit(plan.init_state, out_shardings=plan.state_sharding)(root_rng)
     if config.init_from:
-      state = eval_lib.load_init_from(config.init_from, state, plan.state_sharding)
+      state = weights.init_from(config, model, state, plan.state_sharding)
   metrics_lib.log_parameter_overview(state.params)
   if start >= total_steps:
     logging.info("Checkpoint step %d already reaches total_steps %d.", start, total_steps)

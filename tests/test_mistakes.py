@@ -101,7 +101,7 @@ CASES = [
      ["nothing"], None),
     ("init_from_another_model", ["--config=configs/elpv.py:runlocal,stem=patchify",
                                  "--workdir={tmp}/w", "--config.init_from={run}"],
-     ["only the head"], None),
+     ["does not fit this model", "stem/conv_0"], None),
 ]
 
 

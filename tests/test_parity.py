@@ -1,4 +1,4 @@
-"""Numerical parity with timm: timm weights -> `convert.timm_to_flax` -> same outputs.
+"""Numerical parity with timm: timm weights -> `weights.timm_to_flax` -> same outputs.
 
 Needs PyTorch and timm (`pip install -e ".[parity]"`). Where torchvision cannot be
 imported (some registries have no working CPU build), the stand-in under tests/stubs
@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from convstem_jax.models import ViT, create_model  # noqa: E402
-from convstem_jax.models.convert import timm_to_flax  # noqa: E402
+from convstem_jax.weights import timm_to_flax  # noqa: E402
 
 TOL = 1e-5
 
@@ -195,8 +195,10 @@ def test_missing_and_unexpected_keys_are_named():
   with pytest.raises(ValueError) as e:
     timm_to_flax(sd, _tiny_ours())
   assert "blocks.0.ls1.gamma" in str(e.value) and "head/bias" in str(e.value)
-  with pytest.raises(ValueError, match="no timm weight"):
+  with pytest.raises(ValueError, match="missing from the file") as e:
     timm_to_flax(_tiny_timm().state_dict(), _tiny_ours(depth=2))
+  for leaf in ("norm1/scale", "attn/qkv/kernel", "attn/out/bias", "mlp/fc2/kernel"):
+    assert f"params/block_1/{leaf}" in str(e.value)
 
 
 def test_conv_stem_weights_into_patchify_model_raise():

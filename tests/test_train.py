@@ -224,8 +224,10 @@ def test_init_from_keeps_the_body_and_resets_a_new_head(uninterrupted, tmp_path)
 def test_init_from_rejects_another_architecture(uninterrupted, tmp_path):
   workdir, _, _ = uninterrupted
   c = tiny_config(init_from=str(workdir), model_name="vitc_4gf")
-  with pytest.raises(ValueError, match="only the head may differ"):
+  with pytest.raises(ValueError, match="does not fit this model") as e:
     train.train_and_evaluate(c, str(tmp_path))
+  assert "params/block_0/attn/qkv/kernel (192, 576) in the file, (384, 1152) here" in str(
+      e.value)
 
 
 def test_nan_stops_the_run_naming_the_step_and_checkpoint(tmp_path):

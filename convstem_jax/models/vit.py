@@ -161,6 +161,7 @@ class Block(nn.Module):
   qkv_bias: bool = True
   dtype: Any = jnp.float32
   attention_init: str = "default"
+  layer_norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, train: bool, shared_qk=None, rate=None):
@@ -174,13 +175,13 @@ class Block(nn.Module):
         y = drop_path(y, rate, self.make_rng("dropout"))
       return x + y
 
-    y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x)
+    y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
     y = Attention(self.num_heads, self.init_style, self.attention_impl,
                   self.attention_dropout, self.capture_attention, self.qkv_bias,
                   self.dtype, attention_init=self.attention_init, name="attn")(
                       y, train, shared_qk)
     x = residual(x, y)
-    y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm2")(x)
+    y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, self.init_style, self.dropout, self.dtype, name="mlp")(y, train)
     return residual(x, y)
 
@@ -201,6 +202,9 @@ class ViT(nn.Module):
   pool: str = "token"             # 'token' (class token) | 'gap' (mean, then norm)
   posemb: str = "learn"           # 'learn' | 'sincos2d' (fixed) | 'none'
   qkv_bias: bool = True
+  # LayerNorm epsilon of the blocks and the final norm: 1e-6 as timm and big_vision;
+  # pycls (Xiao et al.'s released models) used 1e-5.
+  layer_norm_eps: float = LN_EPS
   dropout: float = 0.0
   attention_dropout: float = 0.0
   drop_path: float = 0.0          # stochastic depth, linear in depth up to this rate
@@ -309,7 +313,8 @@ class ViT(nn.Module):
     if (structured_init.is_impulse(self.attention_init) and self.depth
         and self.is_initializing()):
       shared_qk = structured_init.impulse_qk(self.attention_init, self.make_rng("params"),
-                                             pe, self.num_heads, LN_EPS)
+                                             pe, self.num_heads,
+                                             self.layer_norm_eps)
 
     rates = np.linspace(0, self.drop_path, self.depth) if self.depth else []
     block = Block
@@ -321,7 +326,8 @@ class ViT(nn.Module):
               attention_impl=self.attention_impl, dropout=self.dropout,
               attention_dropout=self.attention_dropout,
               capture_attention=self.capture_attention, qkv_bias=self.qkv_bias,
-              dtype=dtype, attention_init=self.attention_init)
+              dtype=dtype, attention_init=self.attention_init,
+              layer_norm_eps=self.layer_norm_eps)
     if self.scan_blocks and self.depth:
       # One block body, looped: parameters (and per-layer init / dropout rngs) get a
       # leading depth axis; each layer's drop-path rate is scanned in with its input.
@@ -337,7 +343,7 @@ class ViT(nn.Module):
       x = block(drop_path=float(rates[i]), name=f"block_{i}", **kw)(x, train, shared_qk)
       out[f"block_{i}"] = x
 
-    norm = nn.LayerNorm(LN_EPS, dtype=dtype, name="encoder_norm")
+    norm = nn.LayerNorm(self.layer_norm_eps, dtype=dtype, name="encoder_norm")
     if self.pool == "token":
       x = norm(x)
       out["encoded"] = x

@@ -1,0 +1,86 @@
+r"""Export a run's weights for big_vision / timm users.
+
+    python -m convstem_jax.tools.export --workdir=W --format=npz --out=model.npz
+    python -m convstem_jax.tools.export --workdir=W --format=timm --out=model.safetensors
+        [--checkpoint=STEP] [--ema]
+
+`npz`: big_vision's ViT names (flat `params/...` keys; conv stems under
+`params/stem/...` and `batch_stats/...`, see convstem_jax/weights/big_vision.py), read by
+big_vision's `vit.load` and by timm's `load_pretrained` (patchify models, with
+`no_embed_class=True`). `timm`: a safetensors state dict that the printed
+`timm.create_model(...)` call loads with `load_state_dict(strict=True)`.
+The model is rebuilt from the run's config.json; the checkpoint is the latest unless
+--checkpoint names a step; --ema exports the EMA weights. Both files import back
+(`config.init_from=FILE`) to the same values, bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from convstem_jax import errors
+from convstem_jax.models import model_from_config
+from convstem_jax.weights import big_vision, files, timm
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise errors.MissingInputError(
+        f"{path} is missing: export rebuilds the model from the config a training run "
+        "writes into its workdir; pass the workdir of a run.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def export(workdir: str, fmt: str, out: str, checkpoint: str = "", ema: bool = False) -> str:
+  """Writes the file; returns what to tell the user (for timm, the constructor)."""
+  model = model_from_config(run_config(workdir))
+  step_dir = workdir if not checkpoint else str(
+      epath.Path(workdir) / "checkpoints" / checkpoint)
+  t0 = time.perf_counter()
+  flat = files.read(step_dir, ema=ema).tensors
+  t_read = time.perf_counter() - t0
+  path = epath.Path(out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  if fmt == "npz":
+    arrays = big_vision.to_npz(flat, model)
+    with path.open("wb") as f:
+      np.savez(f, **arrays)
+    note = "big_vision names; timm: create the model with no_embed_class=True"
+  else:
+    from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+    state, code = timm.to_timm(flat, model)
+    path.write_bytes(save(state, metadata={"format": "pt"}))
+    note = "load it in PyTorch with:\n" + code.replace("PATH", repr(str(path)))
+  logging.info("Read in %.2fs, wrote in %.2fs.", t_read, time.perf_counter() - t0)
+  return f"Wrote {path} ({path.stat().length / 2**20:.1f} MiB); {note}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="a training run's workdir")
+  p.add_argument("--checkpoint", default="", help="a step (default: the latest)")
+  p.add_argument("--ema", action="store_true", help="export the EMA weights")
+  p.add_argument("--format", required=True, choices=("npz", "timm"))
+  p.add_argument("--out", required=True, help="the file to write")
+  a = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    print(export(a.workdir, a.format, a.out, a.checkpoint, a.ema))
+  except errors.UserError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
