@@ -20,7 +20,8 @@ Arguments (comma list after ':'):
                     starts a new head
     size=N          fine-tuning resolution (default 384); the stem's stride must divide it
     epochs=N        default 30
-    runlocal        20 steps at batch 16, to check the machinery on a laptop
+    runlocal        20 steps at batch 16 on synthetic data (the default data), from init
+                    if given, else from a fresh model: it checks the machinery only
 Recipe: the three papers publish no fine-tuning recipe (papers.md), so the default is
 DeiT's 384 px fine-tuning command (github.com/facebookresearch/deit README): AdamW,
 lr 5e-6 per 512 images, weight decay 1e-8, 30 epochs, 5 warmup epochs from 1e-6 and
@@ -73,11 +74,13 @@ def _tfds_classes(name, data_dir):
 def get_config(arg=None):
   a = common.parse_arg(arg, init="", model="", data="imagenet2012", data_dir="", classes=0,
                        size=384, epochs=30, runlocal=False)
-  if not a.init:
+  if not a.init and not a.runlocal:
     raise errors.UserError("configs/finetune.py needs the weights to start from: "
                            "--config=configs/finetune.py:init=PATH,...")
   c = common.base_config()
   c.init_from = a.init
+  if a.runlocal and not a.init and not a.model:
+    a.model = "vitc_1gf"
   if a.data in ("elpv", "folder"):  # their data and augmentation, from their configs
     args = f"data_dir={a.data_dir}" if a.data == "folder" and a.data_dir else ""
     data = _config_of(a.data, args)
@@ -98,7 +101,7 @@ def get_config(arg=None):
     c.repeated_aug = 3
   if a.classes:
     c.num_classes = a.classes
-  source = _source_model(a.init)
+  source = _source_model(a.init) if a.init else None
   if a.model:
     c.model_name = a.model
   elif source:
@@ -123,6 +126,14 @@ def get_config(arg=None):
     c.batch_size = c.eval_batch_size = 64
     c.log_every_steps = 50
   if a.runlocal:
+    if a.data == "imagenet2012":  # not on a laptop: synthetic images, 2 blocks, 64 px
+      depth = c.model.get("depth")
+      common.apply_runlocal(c, image_size=64 if a.size == 384 else a.size)
+      if a.init:  # the source's depth, or its weights would not fit
+        if depth is None:
+          del c.model["depth"]
+        else:
+          c.model.depth = depth
     c.batch_size = c.eval_batch_size = 16
     c.total_epochs, c.total_steps = 0.0, 20
     c.schedule.update(warmup_epochs=0.0, warmup_steps=2)

@@ -41,6 +41,8 @@ def test_config_documents_command_hardware_and_expected_result(path):
 def test_config_builds_a_model(path, arg):
   if path.stem == "folder" and arg is None:
     arg = "classes=10"  # the full form reads its class count from a data_dir
+  if path.stem == "finetune" and arg is None:
+    arg = "init=/weights.npz,model=vit_b16"  # the full form needs its weights
   c = load(path).get_config(arg)
   model = model_from_config(c)
   assert model.num_classes == c.num_classes
@@ -109,7 +111,8 @@ def test_early_conv_bad_arguments_say_what_is_valid(arg, word):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_speed_knobs_exist_on_every_config(path):
-  c = load(path).get_config("classes=10" if path.stem == "folder" else None)
+  c = load(path).get_config({"folder": "classes=10",
+                              "finetune": "init=/w.npz,model=vit_b16"}.get(path.stem))
   for key in ("dtype", "attention_impl", "remat", "scan_blocks"):
     assert key in c.model, f"{path.stem}: --config.model.{key}= would be rejected"
   assert "mu_dtype" in c

@@ -102,6 +102,17 @@ CASES = [
     ("init_from_another_model", ["--config=configs/elpv.py:runlocal,stem=patchify",
                                  "--workdir={tmp}/w", "--config.init_from={run}"],
      ["does not fit this model", "stem/conv_0"], None),
+    ("init_from_foreign_and_missing_keys", [ELPV, "--workdir={tmp}/w",
+                                            "--config.init_from={tmp}/other.npz"],
+     ["does not fit this model", "encoderblock_0/Foo/kernel",
+      "params/block_1/attn/qkv/kernel", "params/stem/embedding/kernel (params/embedding/kernel) (16, 16, 3, 192) in the file"],
+     "foreign_npz"),
+    ("init_from_not_a_vit", [ELPV, "--workdir={tmp}/w",
+                             "--config.init_from={tmp}/resnet.safetensors"],
+     ["neither a timm nor a pycls", "conv1.weight"], "resnet_safetensors"),
+    ("init_from_unknown_format", [ELPV, "--workdir={tmp}/w",
+                                  "--config.init_from={tmp}/model.h5"],
+     [".safetensors", "suffix '.h5'"], "h5_file"),
 ]
 
 
@@ -127,6 +138,16 @@ def setup_case(kind: str | None, tmp: pathlib.Path) -> None:
   elif kind == "three_class_folder":
     for c in ("a", "b", "c"):
       images(tmp / "three" / c, 6)
+  elif kind == "foreign_npz":  # big_vision names, a patchify embedding, a stray layer
+    np.savez(tmp / "other.npz", **{
+        "params/embedding/kernel": np.zeros((16, 16, 3, 192), np.float32),
+        "params/Transformer/encoderblock_0/Foo/kernel": np.zeros((4, 4), np.float32)})
+  elif kind == "resnet_safetensors":
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file({"conv1.weight": np.zeros((8, 3, 7, 7), np.float32),
+               "fc.weight": np.zeros((4, 8), np.float32)}, str(tmp / "resnet.safetensors"))
+  elif kind == "h5_file":
+    (tmp / "model.h5").write_bytes(b"HDF")
   elif kind == "a_file":
     (tmp / "file").write_text("a file where the workdir belongs")
 

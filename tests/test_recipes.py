@@ -139,6 +139,24 @@ def test_vit_b_srelu_deit_schedule(batch):
 # timm's 1e-6), cosine to 1e-6 over 200 epochs, no EMA.
 
 
+def test_finetune_is_deits_fine_tuning_at_any_batch():
+  # DeiT's README: --lr 5e-6 --weight-decay 1e-8 --epochs 30 --min-lr 5e-6 at batch 512
+  # (32 x 16 GPUs), 5 warmup epochs from 1e-6 (its defaults); lr scales per 512.
+  for batch in (512, 1024):
+    config = load("finetune.py:init=/weights.npz,model=vit_b16,size=384",
+                  f"--config.batch_size={batch}")
+    run, lr, ema = run_plan(config, IMAGENET_TRAIN)
+    spe = IMAGENET_TRAIN // batch
+    peak = 5e-6 * batch / 512
+    assert run.total_steps == 30 * spe and ema is None
+    assert config.weight_decay == 1e-8 and model_from_config(config).img_size == 384
+    assert close(lr(0), 1e-6, peak)
+    assert close(lr(5 * spe), peak, peak)
+    expected = deit_lr(20 * spe, peak, spe, epochs=30, warmup_epochs=5, min_lr=5e-6)
+    assert close(lr(20 * spe), expected, peak)
+    assert close(lr(run.total_steps), 5e-6, peak)
+
+
 def test_structured_init_cifar_schedule():
   config = load("structured_init.py:dataset=cifar10")
   run, lr, ema = run_plan(config, CIFAR10_TRAIN)
@@ -156,7 +174,8 @@ def test_structured_init_cifar_schedule():
 
 CONFIG_ARGS = {"early_conv": "early_conv.py", "vit_b_srelu": "vit_b_srelu.py",
                "structured_init": "structured_init.py", "elpv": "elpv.py",
-               "folder": "folder.py:classes=10"}
+               "folder": "folder.py:classes=10",
+               "finetune": "finetune.py:init=/weights.npz,model=vit_b16"}
 
 
 def test_every_shipped_config_is_covered():
@@ -181,6 +200,9 @@ def test_schedule_peaks_at_lr_and_ends_at_its_floor(name):
   values = np.array([lr(s) for s in steps])
   peak = int(np.argmax(values))
   assert values.max() <= optim.base_lr(config) * (1 + 1e-6) and values.min() >= 0
+  if name == "finetune":  # DeiT fine-tunes at its floor lr after warmup: constant
+    assert np.all(values[peak:] == values.max()), values
+    return
   assert values[-1] < values.max() / 10, values  # decays
   assert np.all(np.diff(values[peak:]) <= 0), values  # monotone after the peak
 
