@@ -29,7 +29,9 @@ no decay below 5e-6 (so constant), label smoothing 0.1; for tfds data DeiT's
 augmentation (RandAugment, random erasing, mixup/CutMix, repeated augmentation), for
 elpv and folder that of their own configs. Position embeddings are resampled
 bilinearly to the new grid; BatchNorm statistics of conv stems keep training.
-Expected result: see the README (ELPV 64 -> 96 px); ImageNet not run here.
+Expected result: DeiT-B 81.8% at 224 px -> 83.1% after this fine-tuning at 384 px
+(Touvron et al. 2021, abstract and Table 7); not run here. ELPV 64 -> 96 px on a CPU:
+71.4% -> 68.3% after 300 steps (72.5% staying at 64 px), see the README.
 """
 
 import importlib.util

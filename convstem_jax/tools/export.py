@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from typing import Sequence
@@ -62,8 +61,8 @@ def export(workdir: str, fmt: str, out: str, checkpoint: str = "", ema: bool = F
     state, code = timm.to_timm(flat, model)
     path.write_bytes(save(state, metadata={"format": "pt"}))
     note = "load it in PyTorch with:\n" + code.replace("PATH", repr(str(path)))
-  logging.info("Read in %.2fs, wrote in %.2fs.", t_read, time.perf_counter() - t0)
-  return f"Wrote {path} ({path.stat().length / 2**20:.1f} MiB); {note}"
+  return (f"Wrote {path} ({path.stat().length / 2**20:.1f} MiB; read {t_read:.1f} s, "
+          f"written {time.perf_counter() - t0:.1f} s); {note}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -75,7 +74,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--format", required=True, choices=("npz", "timm"))
   p.add_argument("--out", required=True, help="the file to write")
   a = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
     print(export(a.workdir, a.format, a.out, a.checkpoint, a.ema))
   except errors.UserError as e:

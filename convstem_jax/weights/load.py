@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from convstem_jax import config as config_lib
 from convstem_jax import errors
 from convstem_jax.models.vit import ViT
 from convstem_jax.weights import big_vision, core, files, pycls, resample, timm
@@ -153,8 +154,9 @@ def place(flat: dict[str, np.ndarray], tree: dict, shardings: dict, collection: 
 def init_from(config, model: ViT, state, state_sharding):
   """The trainer's start from `config.init_from`: loaded weights in a fresh state; the
   EMA (if any) starts as a copy of them."""
-  flat = import_weights(config.init_from, model, ema=config.get("init_from_ema", False),
-                        fresh=tuple(config.get("init_from_fresh", ())))
+  flat = import_weights(config.init_from, model,
+                        ema=config_lib.get(config, "init_from_ema"),
+                        fresh=tuple(config_lib.get(config, "init_from_fresh")))
   merged = {c: place(flat, getattr(state, c), getattr(state_sharding, c), c)
             for c in core.COLLECTIONS}
   logging.info("Initialised from %s: %d of %d variables loaded.", config.init_from,
