@@ -158,20 +158,15 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "") -> dict[str,
 
 def _evaluate_imported(config, model, mesh, workdir: str) -> dict[str, float]:
   """Imported weights (config.init_from), evaluated without training."""
-  flat = weights.import_weights(config.init_from, model,
-                                ema=config_lib.get(config, "init_from_ema"),
-                                fresh=tuple(config_lib.get(config, "init_from_fresh")))
-  fresh = sorted(set(weights.core.expected_shapes(model)) - set(flat))
-  if fresh:
-    raise errors.UserError(
-        f"--mode=eval with init_from={config.init_from}: {', '.join(fresh)} would start "
-        "fresh (init_from_fresh, or a head of another class count), so the result would "
-        "mean nothing; fine-tune first, or evaluate with the matching class count.")
-  variables = weights.core.unflatten(flat)
-  abstract = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-  shardings = shd.state_shardings(abstract, mesh, config_lib.get(config, "fsdp"))
-  placed = jax.tree.map(lambda v, s: jax.make_array_from_callback(
-      v.shape, s, lambda idx, v=v: v[idx]), abstract, shardings)
+  if config_lib.get(config, "init_from_fresh"):
+    raise errors.UserError("--mode=eval of imported weights with init_from_fresh set would "
+                           "score fresh variables; fine-tune first, or unset it.")
+  variables = weights.load_variables(config.init_from, model,
+                                     ema=config_lib.get(config, "init_from_ema"))
+  variables.setdefault("batch_stats", {})
+  shardings = shd.state_shardings(variables, mesh, config_lib.get(config, "fsdp"))
+  flat = weights.core.flatten(variables)
+  placed = {c: weights.load.place(flat, variables[c], shardings[c], c) for c in variables}
   logging.info("Evaluating the weights of %s as imported.", config.init_from)
   results = _evaluator(config, model, mesh).run(placed["params"], placed["batch_stats"])
   results["init_from"] = config.init_from

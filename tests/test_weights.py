@@ -258,7 +258,7 @@ def test_export_cli_and_eval_of_imported_weights(tmp_path):
   assert imported["test/accuracy"] == own["test/accuracy"]
   np.testing.assert_allclose(imported["test/loss"], own["test/loss"], rtol=1e-6)
   assert json.loads((tmp_path / "eval" / "eval_init_from.json").read_text())["init_from"]
-  with pytest.raises(errors.UserError, match="start fresh"):
+  with pytest.raises(errors.UserError, match="class count differs"):
     eval_lib.evaluate_checkpoint(tiny_config(init_from=str(outs["npz"]), num_classes=9),
                                  str(tmp_path / "eval9"))
   proc = subprocess.run([sys.executable, "-m", "convstem_jax.tools.export",

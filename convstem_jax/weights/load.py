@@ -130,10 +130,14 @@ def import_weights(path: str, model: ViT, *, ema: bool = False,
   return match(convert(files.read(path, ema), model), model, fresh, source=path)
 
 
-def load_variables(path: str, model: ViT, *, ema: bool = False,
-                   fresh: Sequence[str] = ()) -> dict:
-  """{'params', 'batch_stats'} for `model.apply`, all from `path` (nothing fresh)."""
-  flat = import_weights(path, model, ema=ema, fresh=fresh)
+def load_variables(path: str, model: ViT, *, ema: bool = False) -> dict:
+  """{'params', 'batch_stats'} for `model.apply`, every variable from `path`."""
+  flat = import_weights(path, model, ema=ema)
+  fresh = sorted(set(core.expected_shapes(model)) - set(flat))
+  if fresh:
+    raise errors.UserError(
+        f"{path} has no weights for {', '.join(fresh)} (its class count differs); build "
+        "the model with the file's class count, or fine-tune it first.")
   return core.unflatten(flat)
 
 
