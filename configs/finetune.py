@@ -13,7 +13,8 @@ Arguments (comma list after ':'):
     init=PATH       the weights: a workdir or checkpoint dir of ours, .npz, .safetensors,
                     .pth / .pyth (config.init_from; read by convstem_jax/weights)
     model=NAME      the model the weights belong to (convstem_jax.models.model_names());
-                    default: the source run's own model, read from its config.json
+                    default: the one the weights record (a run's config.json, or the
+                    files tools/export writes); other files need it named
     data=NAME       a tfds dataset name (default imagenet2012), elpv, or folder
     data_dir=PATH   the folder for data=folder (configs/folder.py's layout), or a tfds dir
     classes=N       class count (default: the dataset's); another count than the source's
@@ -35,11 +36,11 @@ Expected result: DeiT-B 81.8% at 224 px -> 83.1% after this fine-tuning at 384 p
 """
 
 import importlib.util
-import json
 import os
 
 from convstem_jax import config as common
 from convstem_jax import errors
+from convstem_jax.weights import files as weights_files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,19 +51,6 @@ def _config_of(name, arg):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-def _source_model(init):
-  """(model_name, model overrides) of one of our runs, from its config.json."""
-  path = init
-  while path and not os.path.exists(os.path.join(path, "config.json")):
-    parent = os.path.dirname(path.rstrip("/"))
-    path = parent if parent != path else ""
-  if not path:
-    return None
-  with open(os.path.join(path, "config.json")) as f:
-    run = json.load(f)
-  return run["model_name"], run.get("model", {})
 
 
 def _tfds_classes(name, data_dir):
@@ -103,7 +91,7 @@ def get_config(arg=None):
     c.repeated_aug = 3
   if a.classes:
     c.num_classes = a.classes
-  source = _source_model(a.init) if a.init else None
+  source = weights_files.model_of(a.init) if a.init else None
   if a.model:
     c.model_name = a.model
   elif source:

@@ -19,6 +19,7 @@ from convstem_jax.models import ViT, create_model, model_from_config
 from convstem_jax.weights import big_vision, core, files, load, resample, timm
 from convstem_jax.tools import export as export_tool
 
+from cli_util import run_cli
 from test_train import restore, tiny_config
 
 MODELS = {  # every stem family, both poolings, both position encodings
@@ -249,6 +250,14 @@ def test_export_cli_and_eval_of_imported_weights(tmp_path):
     outs[fmt] = tmp_path / name
   assert "strict=True" in proc.stdout and "ConvStem(" in proc.stdout
   model_flat = files.read(str(run)).tensors
+  assert files.model_of(str(run))[0] == "vitc_1gf"
+  for path in outs.values():  # the files say which model they hold
+    assert files.model_of(str(path)) == files.model_of(str(run))
+  # ... so a fine-tune at another resolution starts from a file without naming it.
+  r = run_cli(f"--config=configs/finetune.py:init={outs['timm']},runlocal,size=64",
+              "--config.total_steps=2", f"--workdir={tmp_path / 'ft'}", num_devices=2)
+  assert r.returncode == 0, r
+  assert "Resampling the position embedding from (1, 5, 192) to (1, 17, 192)" in r.stderr
   for path in outs.values():
     got = load.import_weights(str(path), model_from_config(config))
     assert_bitwise(got, model_flat)

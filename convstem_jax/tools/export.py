@@ -9,9 +9,10 @@ r"""Export a run's weights for big_vision / timm users.
 big_vision's `vit.load` and by timm's `load_pretrained` (patchify models, with
 `no_embed_class=True`). `timm`: a safetensors state dict that the printed
 `timm.create_model(...)` call loads with `load_state_dict(strict=True)`.
-The model is rebuilt from the run's config.json; the checkpoint is the latest unless
---checkpoint names a step; --ema exports the EMA weights. Both files import back
-(`config.init_from=FILE`) to the same values, bit for bit.
+The model is rebuilt from the run's config.json, and the files record it (model name and
+overrides), so `configs/finetune.py:init=FILE` rebuilds it too; the checkpoint is the
+latest unless --checkpoint names a step; --ema exports the EMA weights. Both files
+import back (`config.init_from=FILE`) to the same values, bit for bit.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def export(workdir: str, fmt: str, out: str, checkpoint: str = "", ema: bool = False) -> str:
   """Writes the file; returns what to tell the user (for timm, the constructor)."""
-  model = model_from_config(run_config(workdir))
+  config = run_config(workdir)
+  model = model_from_config(config)
+  record = files.describe_model(config.model_name, dict(config.model))
   step_dir = workdir if not checkpoint else str(
       epath.Path(workdir) / "checkpoints" / checkpoint)
   t0 = time.perf_counter()
@@ -54,12 +57,12 @@ def export(workdir: str, fmt: str, out: str, checkpoint: str = "", ema: bool = F
   if fmt == "npz":
     arrays = big_vision.to_npz(flat, model)
     with path.open("wb") as f:
-      np.savez(f, **arrays)
+      np.savez(f, **arrays, **{files.MODEL_KEY: np.array(record)})
     note = "big_vision names; timm: create the model with no_embed_class=True"
   else:
     from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
     state, code = timm.to_timm(flat, model)
-    path.write_bytes(save(state, metadata={"format": "pt"}))
+    path.write_bytes(save(state, metadata={"format": "pt", files.MODEL_KEY: record}))
     note = "load it in PyTorch with:\n" + code.replace("PATH", repr(str(path)))
   return (f"Wrote {path} ({path.stat().length / 2**20:.1f} MiB; read {t_read:.1f} s, "
           f"written {time.perf_counter() - t0:.1f} s); {note}")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pickle
 from typing import Any
@@ -30,6 +31,9 @@ from convstem_jax.weights import core
 from convstem_jax.weights import pycls
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".pyth")
+# Our exports name the model they hold (model_name and its overrides, JSON), so a
+# fine-tune can rebuild it: an npz key beside the weights, a safetensors metadata entry.
+MODEL_KEY = "convstem/model"
 _WRAPPERS = (("model_state", "ema_state"), ("state_dict", "state_dict_ema"),
              ("model", "model_ema"))
 
@@ -55,9 +59,8 @@ def read(path: str, ema: bool = False) -> Source:
     if ema:
       raise errors.UserError(f"{path}: npz files hold one set of weights, no EMA; set "
                              "init_from_ema=False.")
-    with p.open("rb") as f:
-      npz = np.load(f, allow_pickle=False)
-      return Source("big_vision", {k: npz[k] for k in npz.files}, path)
+    with p.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+      return Source("big_vision", {k: npz[k] for k in npz.files if k != MODEL_KEY}, path)
   if suffix == ".safetensors":
     return _state_dict_source(_read_safetensors(p), path, ema)
   if suffix in TORCH_SUFFIXES:
@@ -65,6 +68,35 @@ def read(path: str, ema: bool = False) -> Source:
   raise errors.UserError(
       f"init_from: cannot tell the format of {path} from its suffix '{suffix}'; give a "
       "run's workdir or checkpoint dir, or a .npz, .safetensors, .pth / .pt or .pyth file.")
+
+
+def describe_model(model_name: str, overrides: dict) -> str:
+  return json.dumps({"model_name": model_name,
+                     "model": {k: v for k, v in overrides.items() if v is not None}})
+
+
+def model_of(path: str) -> tuple[str, dict] | None:
+  """(model_name, model overrides) that the weights at `path` were trained with: from a
+  run's config.json, or from our export's own record; None when the file does not say."""
+  p = epath.Path(path)
+  text = None
+  if p.is_dir():
+    for d in (p, *p.parents):
+      if (d / "config.json").exists():
+        text = (d / "config.json").read_text()
+        break
+  elif p.suffix == ".npz" and p.exists():
+    with p.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+      text = str(npz[MODEL_KEY]) if MODEL_KEY in npz.files else None
+  elif p.suffix == ".safetensors" and p.exists():
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(str(p), framework="numpy") as f:
+      text = (f.metadata() or {}).get(MODEL_KEY)
+  if not text:
+    return None
+  record = json.loads(text)
+  return record["model_name"], {k: v for k, v in record.get("model", {}).items()
+                                if v is not None}
 
 
 def _read_ours(path: str, ema: bool) -> dict[str, np.ndarray]:
