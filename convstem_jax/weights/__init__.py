@@ -1,5 +1,6 @@
 """Weights in and out: files, name mappings, resampling (one home for all three).
 
+  core.py        our variable names ('params/block_0/attn/qkv/kernel'), tensor layouts
   files.py       what a path holds (our runs, .npz, .safetensors, .pth/.pyth), as data
   timm.py        timm VisionTransformer names, both ways
   big_vision.py  big_vision / vit_jax npz names, both ways
