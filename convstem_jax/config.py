@@ -13,7 +13,10 @@ fields (steps per epoch, the EMA rate of a batch size, the preprocessing's image
 are computed where the run starts, so they follow command-line overrides.
 """
 
+import json
+
 import ml_collections
+from etils import epath
 
 from convstem_jax import errors
 
@@ -66,6 +69,16 @@ def duration(node, name: str, steps_per_epoch: int, where: str = "") -> int:
   if steps:
     return steps
   return max(1, int(round(epochs * steps_per_epoch))) if epochs else 0
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run recorded in its workdir (config.json)."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise errors.MissingInputError(
+        f"{path} is missing: the model is rebuilt from the config a training run writes "
+        "into its workdir; pass the workdir of a run.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def get(config, name: str, prefix: str = ""):

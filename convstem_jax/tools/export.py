@@ -18,32 +18,22 @@ import back (`config.init_from=FILE`) to the same values, bit for bit.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Sequence
 
-import ml_collections
 import numpy as np
 from etils import epath
 
+from convstem_jax import config as config_lib
 from convstem_jax import errors
 from convstem_jax.models import model_from_config
 from convstem_jax.weights import big_vision, files, timm
 
 
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise errors.MissingInputError(
-        f"{path} is missing: export rebuilds the model from the config a training run "
-        "writes into its workdir; pass the workdir of a run.")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def export(workdir: str, fmt: str, out: str, checkpoint: str = "", ema: bool = False) -> str:
   """Writes the file; returns what to tell the user (for timm, the constructor)."""
-  config = run_config(workdir)
+  config = config_lib.run_config(workdir)
   model = model_from_config(config)
   record = files.describe_model(config.model_name, dict(config.model))
   step_dir = workdir if not checkpoint else str(

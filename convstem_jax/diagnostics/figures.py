@@ -1,0 +1,120 @@
+"""Figures of diagnostics and training curves (matplotlib, written as PNG files)."""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping, Sequence
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+# measure -> (title, y label, per-head?, reference key)
+MEASURES = {
+    "token_similarity": ("Patch-token similarity per layer (mean |cos|, Gong et al.)",
+                         "mean |cos| between patch tokens", False, None),
+    "rank_collapse_ratio": ("Rank-collapse ratio per layer (Dong et al.)",
+                            "||X - 1 mean(X)|| / ||X||", False, None),
+    "mean_attention_distance_px": ("Mean attention distance per head and block",
+                                   "pixels", True, "uniform_distance_px"),
+    "attention_entropy": ("Attention entropy per head and block", "nats", True,
+                          "uniform_entropy"),
+}
+
+
+def _save(fig, path) -> str:
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return str(path)
+
+
+def measure_figure(results: Mapping[str, dict], measure: str, path) -> str:
+  """One measure of one or several runs (labels = run names), layer by layer."""
+  title, ylabel, per_head, reference = MEASURES[measure]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for k, (label, r) in enumerate(results.items()):
+    color = colors[k % len(colors)]
+    layers = r["layers"][1:] if per_head else r["layers"]
+    values = r[measure]
+    xs = np.arange(len(layers))
+    if per_head:
+      for i, heads in enumerate(values):
+        ax.scatter(np.full(len(heads), i) + 0.08 * (k - len(results) / 2), heads, s=14,
+                   color=color, alpha=0.6)
+      ax.plot(xs, [np.mean(h) for h in values], color=color, label=f"{label} (head mean)")
+      if reference:
+        ax.axhline(r[reference], color=color, ls=":", lw=1,
+                   label=f"{label}: uniform attention")
+    else:
+      ax.plot(xs, values, marker="o", color=color, label=label)
+    ax.set_xticks(xs, layers, rotation=45, ha="right")
+  ax.set_title(title)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def attention_maps_figure(result: dict, image: np.ndarray, path, heads: int = 4,
+                          query: tuple[int, int] | None = None) -> str:
+  """The first image and, per block (rows) and head (columns), where one patch query
+  (default: the grid centre) attends, over the patch grid."""
+  maps = result["_maps"]
+  g, prefix = result["grid"], result["class_tokens"]
+  qy, qx = query or (g // 2, g // 2)
+  q = prefix + qy * g + qx
+  n_heads = min(heads, maps[0].shape[1])
+  fig, axes = plt.subplots(len(maps), n_heads + 1, figsize=(1.8 * (n_heads + 1),
+                                                            1.8 * len(maps)), squeeze=False)
+  shown = (image - image.min()) / max(float(np.ptp(image)), 1e-6)
+  for b, block in enumerate(maps):
+    axes[b, 0].imshow(shown)
+    p = result["patch_px"]
+    axes[b, 0].add_patch(plt.Rectangle((qx * p, qy * p), p, p, fill=False, color="red"))
+    axes[b, 0].set_ylabel(f"block {b}", fontsize=8)
+    for h in range(n_heads):
+      row = block[0, h, q, prefix:].reshape(g, g)
+      axes[b, h + 1].imshow(row, cmap="viridis")
+      axes[b, h + 1].plot(qx, qy, "r+")
+      if b == 0:
+        axes[b, h + 1].set_title(f"head {h}", fontsize=8)
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(f"Attention of the query patch ({qy}, {qx}) (red), first image", fontsize=9)
+  return _save(fig, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: pass the workdir of a training run.")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves_figure(workdirs: Sequence[str], path, labels: Sequence[str] | None = None) -> str:
+  """Training loss, eval accuracy and learning rate of one or several runs."""
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  for k, workdir in enumerate(workdirs):
+    label = labels[k] if labels else epath.Path(workdir).name
+    rows = read_metrics(workdir)
+    for ax, prefix in ((axes[0], "train/loss"), (axes[2], "train/lr")):
+      pts = [(r["step"], r[prefix]) for r in rows if prefix in r]
+      if pts:
+        ax.plot(*zip(*pts), label=label)
+    for key in sorted({k for r in rows for k in r if k.endswith("/accuracy")
+                       and not k.startswith("train")}):
+      pts = [(r["step"], 100 * r[key]) for r in rows if key in r]
+      axes[1].plot(*zip(*pts), marker="o", ms=3, label=f"{label}: {key}")
+  for ax, title in zip(axes, ("training loss", "eval accuracy (%)", "learning rate")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  return _save(fig, path)

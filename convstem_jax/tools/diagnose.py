@@ -1,0 +1,116 @@
+r"""Token and attention diagnostics of a run's checkpoint on real images, as JSON and PNG.
+
+    python -m convstem_jax.tools.diagnose --workdir=W [--checkpoint=STEP] [--images=64] [--ema]
+    python -m convstem_jax.tools.diagnose --compare W1 W2 ... --out=DIR [--labels=a,b,...]
+
+For each run: the model is rebuilt from W/config.json, the checkpoint read (the latest,
+or STEP), and the first N images of its first eval split (eval preprocessing) go
+through it. Written to W/diagnostics/<step>/ (or --out): `diagnostics.json` (every
+measure, layer by layer: convstem_jax/diagnostics/measures.py has the definitions),
+one PNG per measure, `attention_maps.png` (the centre patch's attention per block and
+head on the first image) and `curves.png` (loss, accuracy, learning rate).
+`--compare` draws the runs together, one PNG per measure, labelled by run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+from etils import epath
+
+from convstem_jax import config as config_lib
+from convstem_jax import data as data_lib
+from convstem_jax import errors
+from convstem_jax.diagnostics import figures, report
+from convstem_jax.models import model_from_config
+from convstem_jax.weights import load
+
+
+def eval_images(config, n: int) -> np.ndarray:
+  """The first `n` images of the run's first eval split, preprocessed for eval."""
+  split = config_lib.get(config, "eval_splits")[0]
+  out, have = [], 0
+  for batch in data_lib.get_source(config, split).eval_batches(min(n, 64)):
+    images = batch["image"][batch["mask"] > 0]
+    out.append(images[:n - have])
+    have += len(out[-1])
+    if have >= n:
+      break
+  return np.concatenate(out)
+
+
+def diagnose(workdir: str, checkpoint: str = "", images: int = 64, ema: bool = False,
+             out: str = "") -> tuple[dict, str]:
+  """Measures of one run; returns (result, output directory)."""
+  config = config_lib.run_config(workdir)
+  model = model_from_config(config).clone(scan_blocks=False)
+  path = str(epath.Path(workdir) / "checkpoints" / checkpoint) if checkpoint else workdir
+  variables = load.load_variables(path, model, ema=ema)
+  variables.setdefault("batch_stats", {})
+  x = eval_images(config, images)
+  t0 = time.perf_counter()
+  result = report.analyse(model, variables, x)
+  result["seconds"] = time.perf_counter() - t0
+  step = checkpoint or str(max(int(p.name) for p in (epath.Path(workdir) / "checkpoints")
+                               .iterdir() if p.name.isdigit()))
+  result.update(workdir=str(workdir), step=int(step), ema=ema, model=config.model_name)
+  target = epath.Path(out or epath.Path(workdir) / "diagnostics" / step)
+  target.mkdir(parents=True, exist_ok=True)
+  maps = result.pop("_maps")
+  (target / "diagnostics.json").write_text(json.dumps(result, indent=1))
+  for measure in figures.MEASURES:
+    figures.measure_figure({epath.Path(workdir).name: result}, measure,
+                           target / f"{measure}.png")
+  figures.attention_maps_figure({**result, "_maps": maps}, x[0], target / "attention_maps.png")
+  figures.curves_figure([workdir], target / "curves.png")
+  return result, str(target)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", help="a training run's workdir")
+  p.add_argument("--compare", nargs="+", default=(), help="several workdirs, drawn together")
+  p.add_argument("--labels", default="", help="comma-separated names for --compare")
+  p.add_argument("--checkpoint", default="", help="a step (default: the latest)")
+  p.add_argument("--images", type=int, default=64, help="eval images to measure on")
+  p.add_argument("--ema", action="store_true", help="the EMA weights")
+  p.add_argument("--out", default="", help="output directory")
+  a = p.parse_args(argv)
+  try:
+    if not a.workdir and not a.compare:
+      raise errors.UserError("pass --workdir=W, or --compare W1 W2 ... --out=DIR")
+    if a.workdir:
+      # --out is the comparison's directory when both are given
+      result, where = diagnose(a.workdir, a.checkpoint, a.images, a.ema,
+                               "" if a.compare else a.out)
+      print(f"{a.workdir}: {result['images']} images, written to {where}")
+      for i, layer in enumerate(result["layers"]):
+        line = f"  {layer:9s} similarity {result['token_similarity'][i]:.3f}"
+        if i:
+          line += (f"  distance {np.mean(result['mean_attention_distance_px'][i - 1]):6.1f}"
+                   f" px  entropy {np.mean(result['attention_entropy'][i - 1]):.2f}")
+        print(line)
+    if a.compare:
+      if not a.out:
+        raise errors.UserError("--compare needs --out=DIR for its figures")
+      labels = a.labels.split(",") if a.labels else [epath.Path(w).name for w in a.compare]
+      if len(labels) != len(a.compare):
+        raise errors.UserError(f"{len(labels)} labels for {len(a.compare)} runs")
+      results = {}
+      for label, w in zip(labels, a.compare):
+        results[label], _ = diagnose(w, "", a.images, a.ema,
+                                     str(epath.Path(a.out) / label))
+      for measure in figures.MEASURES:
+        print(figures.measure_figure(results, measure, epath.Path(a.out) / f"{measure}.png"))
+      print(figures.curves_figure(list(a.compare), epath.Path(a.out) / "curves.png", labels))
+  except errors.UserError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
