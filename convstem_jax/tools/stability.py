@@ -16,6 +16,7 @@ A trial counts with its last logged eval; trials that never evaluated or diverge
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Iterable, Sequence
 
@@ -56,10 +57,17 @@ def edf(errors: Sequence[float], deltas: Iterable[float] = DELTAS) -> dict[float
 
 
 def sweep_errors(sweep_dir: epath.PathLike, metric: str = "auto") -> list[float]:
-  """Top-1 error (in points) of every trial directory under `sweep_dir`."""
+  """Top-1 error (in points) of every trial of a sweep: those `tools/sweep` recorded in
+  sweep.json (a trial not finished counts as a failure, inf), else every directory."""
+  root = epath.Path(sweep_dir)
+  if (root / "sweep.json").exists():
+    trials = [(epath.Path(t["workdir"]), t["status"] == "finished")
+              for t in json.loads((root / "sweep.json").read_text())["trials"]]
+  else:
+    trials = [(p, True) for p in sorted(root.iterdir()) if p.is_dir()]
   errors = []
-  for trial in sorted(p for p in epath.Path(sweep_dir).iterdir() if p.is_dir()):
-    acc = final_metric(trial, metric)
+  for trial, finished in trials:
+    acc = final_metric(trial, metric) if finished and trial.exists() else None
     ok = acc is not None and math.isfinite(acc)
     errors.append(100.0 * (1.0 - acc) if ok else math.inf)
   return errors
