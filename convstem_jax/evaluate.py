@@ -165,8 +165,7 @@ def _evaluate_imported(config, model, mesh, workdir: str) -> dict[str, float]:
                                      ema=config_lib.get(config, "init_from_ema"))
   variables.setdefault("batch_stats", {})
   shardings = shd.state_shardings(variables, mesh, config_lib.get(config, "fsdp"))
-  flat = weights.core.flatten(variables)
-  placed = {c: weights.load.place(flat, variables[c], shardings[c], c) for c in variables}
+  placed = jax.tree.map(weights.load.put, variables, shardings)
   logging.info("Evaluating the weights of %s as imported.", config.init_from)
   results = _evaluator(config, model, mesh).run(placed["params"], placed["batch_stats"])
   results["init_from"] = config.init_from

@@ -192,6 +192,18 @@ def load_config(argv):
   return config
 
 
+def config_from_args(config_arg: str, overrides=()):
+  """The config `main --config=<config_arg> <overrides>` trains with (for tools/tests)."""
+  argv = ["main", f"--config={config_arg}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  config = fv.config
+  clear_other_units(config, argv)
+  return config
+
+
 def clear_other_units(config, argv) -> None:
   """`--config.X_epochs=...` alone clears the file's X_steps, and the other way round."""
   given = {m[1] for a in argv for m in [re.match(r"--config\.([\w.]+)=", a)] if m}

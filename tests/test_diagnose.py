@@ -56,7 +56,7 @@ def test_diagnose_and_compare_write_json_in_range_and_figures(runs):
       "model"] == "vitp_1gf"
 
 
-def test_scalars_are_flat_per_layer(runs):
+def test_measures_are_batch_weighted_means(runs):
   _, out = runs
   workdir, config = out["conv"]
   model = model_from_config(config)
@@ -65,11 +65,6 @@ def test_scalars_are_flat_per_layer(runs):
   images = np.random.default_rng(0).normal(size=(5, 64, 64, 3)).astype(np.float32)
   result = report.analyse(model, variables, images, batch=2)  # uneven last batch
   assert result["images"] == 5
-  flat = report.scalars(result)
-  assert set(flat) == {"diag/token_similarity/stem", "diag/token_similarity/block_0",
-                       "diag/rank_collapse_ratio/stem", "diag/rank_collapse_ratio/block_0",
-                       "diag/mean_attention_distance_px/block_0",
-                       "diag/attention_entropy/block_0"}
   # A batch-weighted mean: the same as measuring all five images at once.
   whole = report.analyse(model, variables, images, batch=5)
   np.testing.assert_allclose(result["token_similarity"], whole["token_similarity"],

@@ -13,8 +13,6 @@ import math
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from cli_util import REPO
 from convstem_jax import errors
@@ -32,14 +30,7 @@ CIFAR10_TRAIN = 50_000
 def load(config_arg: str, *overrides: str):
   """The config `python -m convstem_jax.main --config=configs/<config_arg> <overrides>`
   trains with."""
-  argv = ["main", f"--config={REPO}/configs/{config_arg}", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  config = fv.config
-  main_lib.clear_other_units(config, argv)
-  return config
+  return main_lib.config_from_args(f"{REPO}/configs/{config_arg}", overrides)
 
 
 def run_plan(config, num_train: int):

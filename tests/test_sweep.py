@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cli_util import REPO, child_env
+from convstem_jax import main as main_lib
 from convstem_jax.tools import stability, sweep
 
 ELPV = f"{REPO}/configs/elpv.py:runlocal"
@@ -16,9 +17,9 @@ ELPV = f"{REPO}/configs/elpv.py:runlocal"
 
 def test_search_spaces_are_table4_or_the_same_ratios_around_the_configs_values():
   early = f"{REPO}/configs/early_conv.py:model=vitc_4gf,opt=sgd"
-  assert sweep.search_space(early, sweep.load(early, [])) == {
+  assert sweep.search_space(early, main_lib.config_from_args(early)) == {
       "lr": (0.1, 3.2), "weight_decay": (4e-6, 1.2e-4)}
-  config = sweep.load(ELPV, ["--config.lr=0.002"])
+  config = main_lib.config_from_args(ELPV, ["--config.lr=0.002"])
   assert sweep.search_space(ELPV, config) == {"lr": (0.002 / 8, 0.008),
                                               "weight_decay": (0.05 / 8, 0.2)}
   pairs = sweep.draw(sweep.search_space(ELPV, config), 200, seed=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -10,6 +9,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
+
+from convstem_jax import metrics  # noqa: E402
 
 # measure -> (title, y label, per-head?, reference key)
 MEASURES = {
@@ -91,19 +92,15 @@ def attention_maps_figure(result: dict, image: np.ndarray, path, heads: int = 4,
   return _save(fig, path)
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: pass the workdir of a training run.")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def curves_figure(workdirs: Sequence[str], path, labels: Sequence[str] | None = None) -> str:
   """Training loss, eval accuracy and learning rate of one or several runs."""
   fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
   for k, workdir in enumerate(workdirs):
     label = labels[k] if labels else epath.Path(workdir).name
-    rows = read_metrics(workdir)
+    rows = metrics.read_records(workdir)
+    if not rows:
+      raise FileNotFoundError(f"{workdir} has no metrics.jsonl records: pass the workdir "
+                              "of a training run.")
     for ax, prefix in ((axes[0], "train/loss"), (axes[2], "train/lr")):
       pts = [(r["step"], r[prefix]) for r in rows if prefix in r]
       if pts:

@@ -83,16 +83,3 @@ def analyse(model, variables: dict, images: np.ndarray, batch: int = 16,
                       for m in first_maps]
   out["_maps"] = [m[:keep_maps] for m in first_maps]  # for figures, not for JSON
   return out
-
-
-def scalars(result: dict) -> dict[str, float]:
-  """Flat per-layer scalars (heads averaged) for metrics.jsonl / TensorBoard."""
-  out = {}
-  for i, layer in enumerate(result["layers"]):
-    out[f"diag/token_similarity/{layer}"] = result["token_similarity"][i]
-    out[f"diag/rank_collapse_ratio/{layer}"] = result["rank_collapse_ratio"][i]
-  for i, layer in enumerate(result["layers"][1:]):
-    out[f"diag/mean_attention_distance_px/{layer}"] = float(
-        np.mean(result["mean_attention_distance_px"][i]))
-    out[f"diag/attention_entropy/{layer}"] = float(np.mean(result["attention_entropy"][i]))
-  return out

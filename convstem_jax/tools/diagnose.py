@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from convstem_jax import checkpoint as ckpt_lib
 from convstem_jax import config as config_lib
 from convstem_jax import data as data_lib
 from convstem_jax import errors
@@ -49,17 +50,16 @@ def diagnose(workdir: str, checkpoint: str = "", images: int = 64, ema: bool = F
   """Measures of one run; returns (result, output directory)."""
   config = config_lib.run_config(workdir)
   model = model_from_config(config).clone(scan_blocks=False)
-  path = str(epath.Path(workdir) / "checkpoints" / checkpoint) if checkpoint else workdir
-  variables = load.load_variables(path, model, ema=ema)
+  _, step = ckpt_lib.resolve(workdir, int(checkpoint) if checkpoint else None)
+  variables = load.load_variables(str(epath.Path(workdir) / "checkpoints" / str(step)),
+                                  model, ema=ema)
   variables.setdefault("batch_stats", {})
   x = eval_images(config, images)
   t0 = time.perf_counter()
   result = report.analyse(model, variables, x)
   result["seconds"] = time.perf_counter() - t0
-  step = checkpoint or str(max(int(p.name) for p in (epath.Path(workdir) / "checkpoints")
-                               .iterdir() if p.name.isdigit()))
-  result.update(workdir=str(workdir), step=int(step), ema=ema, model=config.model_name)
-  target = epath.Path(out or epath.Path(workdir) / "diagnostics" / step)
+  result.update(workdir=str(workdir), step=step, ema=ema, model=config.model_name)
+  target = epath.Path(out or epath.Path(workdir) / "diagnostics" / str(step))
   target.mkdir(parents=True, exist_ok=True)
   maps = result.pop("_maps")
   (target / "diagnostics.json").write_text(json.dumps(result, indent=1))

@@ -23,6 +23,7 @@ import time
 from typing import Sequence
 
 import numpy as np
+import safetensors.numpy
 from etils import epath
 
 from convstem_jax import config as config_lib
@@ -50,9 +51,8 @@ def export(workdir: str, fmt: str, out: str, checkpoint: str = "", ema: bool = F
       np.savez(f, **arrays, **{files.MODEL_KEY: np.array(record)})
     note = "big_vision names; timm: create the model with no_embed_class=True"
   else:
-    from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
     state, code = timm.to_timm(flat, model)
-    path.write_bytes(save(state, metadata={"format": "pt", files.MODEL_KEY: record}))
+    path.write_bytes(safetensors.numpy.save(state, metadata={"format": "pt", files.MODEL_KEY: record}))
     note = "load it in PyTorch with:\n" + code.replace("PATH", repr(str(path)))
   return (f"Wrote {path} ({path.stat().length / 2**20:.1f} MiB; read {t_read:.1f} s, "
           f"written {time.perf_counter() - t0:.1f} s); {note}")

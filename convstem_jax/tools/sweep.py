@@ -30,26 +30,12 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
 from convstem_jax import errors
 from convstem_jax import main as main_lib
 
 WIDTH = (1 / 8, 4.0)  # Table 4: intervals from 1/8x to 4x of a good value
-
-
-def load(config_arg: str, overrides: Sequence[str]):
-  """The config `main` would train with these arguments."""
-  argv = ["sweep", f"--config={config_arg}", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  config = fv.config
-  main_lib.clear_other_units(config, argv)
-  return config
 
 
 def search_space(config_arg: str, config) -> dict[str, tuple[float, float]]:
@@ -81,7 +67,7 @@ def command(config_arg: str, overrides: Sequence[str], pair: dict, workdir: str)
 
 def run(config_arg: str, trials: int, sweep_dir: str, overrides: Sequence[str] = (),
         seed: int = 0, print_commands: bool = False) -> list[dict]:
-  config = load(config_arg, overrides)
+  config = main_lib.config_from_args(config_arg, overrides)
   pairs = draw(search_space(config_arg, config), trials, seed)
   root = epath.Path(sweep_dir)
   root.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def to_numpy(value: Any) -> np.ndarray:
       value = value.float()
     value = value.numpy()
   value = np.asarray(value)
-  return value.astype(np.float32) if value.dtype.kind in "fV" else value
+  return value.astype(np.float32) if value.dtype.kind == "f" else value
 
 
 def flatten(variables: dict) -> dict[str, np.ndarray]:

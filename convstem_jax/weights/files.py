@@ -23,9 +23,12 @@ from typing import Any
 
 import jax
 import numpy as np
+import safetensors
+import safetensors.numpy
 from etils import epath
 
 from convstem_jax import checkpoint as ckpt_lib
+from convstem_jax import config as config_lib
 from convstem_jax import errors
 from convstem_jax.weights import core
 from convstem_jax.weights import pycls
@@ -62,7 +65,7 @@ def read(path: str, ema: bool = False) -> Source:
     with p.open("rb") as f, np.load(f, allow_pickle=False) as npz:
       return Source("big_vision", {k: npz[k] for k in npz.files if k != MODEL_KEY}, path)
   if suffix == ".safetensors":
-    return _state_dict_source(_read_safetensors(p), path, ema)
+    return _state_dict_source(safetensors.numpy.load(p.read_bytes()), path, ema)
   if suffix in TORCH_SUFFIXES:
     return _state_dict_source(_read_torch(p), path, ema)
   raise errors.UserError(
@@ -81,16 +84,16 @@ def model_of(path: str) -> tuple[str, dict] | None:
   p = epath.Path(path)
   text = None
   if p.is_dir():
-    for d in (p, *p.parents):
-      if (d / "config.json").exists():
-        text = (d / "config.json").read_text()
-        break
-  elif p.suffix == ".npz" and p.exists():
+    run = next((d for d in (p, *p.parents) if (d / "config.json").exists()), None)
+    if run is None:
+      return None
+    config = config_lib.run_config(run)
+    return config.model_name, {k: v for k, v in dict(config.model).items() if v is not None}
+  if p.suffix == ".npz" and p.exists():
     with p.open("rb") as f, np.load(f, allow_pickle=False) as npz:
       text = str(npz[MODEL_KEY]) if MODEL_KEY in npz.files else None
   elif p.suffix == ".safetensors" and p.exists():
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(str(p), framework="numpy") as f:
+    with safetensors.safe_open(str(p), framework="numpy") as f:
       text = (f.metadata() or {}).get(MODEL_KEY)
   if not text:
     return None
@@ -115,15 +118,6 @@ def _read_ours(path: str, ema: bool) -> dict[str, np.ndarray]:
     restored = restored["ema"]
   logging.info("Read %s step %d%s", ckpt.directory, step, " (EMA weights)" if ema else "")
   return core.flatten(jax.device_get(restored))
-
-
-def _read_safetensors(p: epath.Path) -> dict[str, Any]:
-  try:
-    from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise errors.UserError("Reading .safetensors needs the safetensors package: pip "
-                           "install safetensors.") from e
-  return load(p.read_bytes())
 
 
 def _read_torch(p: epath.Path) -> Any:

@@ -141,6 +141,11 @@ def load_variables(path: str, model: ViT, *, ema: bool = False) -> dict:
   return core.unflatten(flat)
 
 
+def put(value: np.ndarray, sharding) -> jax.Array:
+  """A host array (every process holds all of it) laid out as `sharding` wants."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
 def place(flat: dict[str, np.ndarray], tree: dict, shardings: dict, collection: str) -> dict:
   """`tree` (a sharded params or batch_stats tree) with the loaded leaves replaced,
   each laid out as its current sharding wants (every process holds the whole file)."""
@@ -149,9 +154,7 @@ def place(flat: dict[str, np.ndarray], tree: dict, shardings: dict, collection: 
   for key, leaf in leaves.items():
     value = flat.get("/".join((collection, *key)))
     if value is not None:
-      value = value.astype(leaf.dtype)
-      leaves[key] = jax.make_array_from_callback(value.shape, shards[key],
-                                                 lambda idx, v=value: v[idx])
+      leaves[key] = put(value.astype(leaf.dtype), shards[key])
   return traverse_util.unflatten_dict(leaves)
 
 
