@@ -137,6 +137,9 @@ def base_config():
   c.log_every_steps = 100
   c.eval_every_steps = 0
   c.eval_every_epochs = 10.0
+  # At each eval, token / attention diagnostics of the first N eval images (0 = off):
+  # scalars in metrics.jsonl / TensorBoard, JSON + attention maps in W/diagnostics/STEP.
+  c.diagnostics_images = 0
   c.checkpoint_every_steps = 1000
   c.checkpoint_every_epochs = 0.0
   c.max_to_keep = 3

@@ -125,6 +125,10 @@ class MetricsWriter:
       with self.jsonl.open("a") as f:
         f.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """HxWx3 uint8 pictures, to TensorBoard only."""
+    self.tb.write_images(step, {k: v[None] for k, v in images.items()})
+
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     flat = {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))}
     self.tb.write_hparams(flat)

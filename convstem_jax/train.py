@@ -2,7 +2,7 @@
 
     setup -> mesh -> data -> model and optimizer (born sharded) -> update step
           -> restore (workdir, else config.init_from, else fresh) -> records
-          -> loop (log, eval, checkpoint, NaN guard, preemption)
+          -> loop (log, eval [+ diagnostics], checkpoint, NaN guard, preemption)
 
 Every array in the state is a global `jax.Array` sharded over the mesh, so the same code
 runs on one CPU, a GPU node and a TPU pod slice, and orbax can save it from every host.
@@ -316,6 +316,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- evaluators
   evaluator = eval_lib.Evaluator(config, model, mesh, train_source=train_source)
+  diagnostics = None
+  if config_lib.get(config, "diagnostics_images"):  # imported only then: it loads matplotlib
+    from convstem_jax.diagnostics import training as diagnostics_lib  # pylint: disable=g-import-not-at-top
+    diagnostics = diagnostics_lib.TrainingDiagnostics(config, model, workdir)
 
   # ------------------------------------- restore: workdir, else init_from, else fresh
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -350,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- loop
   try:
     return _loop(config, workdir, state, start, run, train_step, train_source, local_bs,
-                 mesh, evaluator, checkpointer, writer)
+                 mesh, evaluator, diagnostics, checkpointer, writer)
   finally:  # whatever ends the loop, an in-flight save is committed first
     try:
       checkpointer.close()
@@ -359,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _loop(config, workdir, state, start, run: Durations, train_step, train_source,
-          local_bs, mesh, evaluator, checkpointer, writer):
+          local_bs, mesh, evaluator, diagnostics, checkpointer, writer):
   """Steps start+1 .. total_steps; the run's records and checkpoints along the way."""
   total_steps, log_every = run.total_steps, run.log_every
   eval_every, ckpt_every = run.eval_every, run.checkpoint_every
@@ -412,6 +416,10 @@ def _loop(config, workdir, state, start, run: Durations, train_step, train_sourc
       scalars.update(results)
       logging.info("step %d eval: %s", step, ", ".join(
           f"{k} {v:.4f}" for k, v in sorted(results.items())))
+      if diagnostics is not None:
+        diag_scalars, pictures = diagnostics.run(step, state.params, state.batch_stats)
+        scalars.update(diag_scalars)
+        writer.write_images(step, pictures)
     writer.write(step, scalars)
     if is_ckpt:
       # The rows up to this step are on disk before the checkpoint that a resumed run

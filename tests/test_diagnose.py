@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from convstem_jax import metrics as metrics_lib
 from convstem_jax import train
 from convstem_jax.diagnostics import report
 from convstem_jax.models import model_from_config
@@ -69,3 +70,54 @@ def test_measures_are_batch_weighted_means(runs):
   whole = report.analyse(model, variables, images, batch=5)
   np.testing.assert_allclose(result["token_similarity"], whole["token_similarity"],
                              rtol=1e-6)
+
+
+def _tb_summaries(workdir):
+  """{(tag, step)} of every TensorBoard summary in a run's event files."""
+  from convstem_jax.data.files import import_tf
+  tf = import_tf()
+  from tensorboard.compat.proto import event_pb2
+  out = set()
+  for path in workdir.glob("events.out.tfevents*"):
+    for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      event = event_pb2.Event.FromString(raw)
+      out |= {(v.tag, event.step) for v in event.summary.value}
+  return out
+
+
+def test_diagnostics_during_training(tmp_path):
+  """At eval steps: scalars in range in metrics.jsonl and TensorBoard, attention maps as
+  TensorBoard images and PNG, the same JSON tools/diagnose writes for that checkpoint
+  (a scanned model, so the layout conversion is exercised), and the training itself
+  unchanged."""
+  kw = dict(total_steps=4, eval_every_steps=2, checkpoint_every_steps=2, image_size=64,
+            model=dict(depth=2, scan_blocks=True))
+  train.train_and_evaluate(tiny_config(**kw), str(tmp_path / "plain"))
+  train.train_and_evaluate(tiny_config(diagnostics_images=8, **kw), str(tmp_path / "diag"))
+  rows = {r["step"]: r for r in metrics_lib.read_records(tmp_path / "diag")}
+  plain = {r["step"]: r for r in metrics_lib.read_records(tmp_path / "plain")}
+  assert [rows[s]["train/loss"] for s in range(1, 5)] == [
+      plain[s]["train/loss"] for s in range(1, 5)]
+  layers = ["stem", "block_0", "block_1"]
+  for step in (2, 4):
+    for layer in layers:
+      assert 0 <= rows[step][f"diagnostics/token_similarity/{layer}"] <= 1
+      assert 0 <= rows[step][f"diagnostics/rank_collapse_ratio/{layer}"] <= 1
+    for layer in layers[1:]:
+      assert 0 <= rows[step][f"diagnostics/attention_entropy/{layer}"] <= np.log(16) + 1e-6
+      assert 0 < rows[step][f"diagnostics/mean_attention_distance_px/{layer}"] <= 16 * np.hypot(3, 3)
+      assert 0 <= rows[step][f"diagnostics/class_token_mass/{layer}"] <= 1
+    with Image.open(tmp_path / "diag" / "diagnostics" / str(step) / "attention_maps.png") as im:
+      assert im.size[0] > 200
+  assert not any(k.startswith("diagnostics/") for r in plain.values() for k in r)
+  assert {1, 3}.isdisjoint(s for s, r in rows.items() if "diagnostics/token_similarity/stem" in r)
+  tb = _tb_summaries(tmp_path / "diag")
+  assert {("diagnostics/attention_maps", 2), ("diagnostics/attention_maps", 4),
+          ("diagnostics/token_similarity/block_1", 4)} <= tb
+  during = json.loads((tmp_path / "diag" / "diagnostics" / "4" / "diagnostics.json").read_text())
+  subprocess.run([sys.executable, "-m", "convstem_jax.tools.diagnose",
+                  f"--workdir={tmp_path / 'diag'}", "--images=8", f"--out={tmp_path / 'after'}"],
+                 check=True, capture_output=True, timeout=600)
+  after = json.loads((tmp_path / "after" / "diagnostics.json").read_text())
+  for measure in ("token_similarity", "mean_attention_distance_px", "attention_entropy"):
+    np.testing.assert_allclose(during[measure], after[measure], rtol=1e-5, atol=1e-6)

@@ -62,3 +62,41 @@ def test_stability_metric_choice_and_missing_sweep(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(SystemExit, match="No trial directories under .*empty"):
     stability.main([str(tmp_path / "empty")])
+
+
+def _configured_trial(sweep, name, model, opt, steps, accuracy):
+  _trial(sweep, name, accuracy, key="test/accuracy")
+  rows = (sweep / name / "metrics.jsonl").read_text().replace('"step": 10', f'"step": {steps}')
+  (sweep / name / "metrics.jsonl").write_text(rows)
+  (sweep / name / "config.json").write_text(json.dumps({"model_name": model,
+                                                        "optimizer": opt}))
+
+
+def test_stability_optimizer_gap_length_tables_and_edf_figure(tmp_path, capsys):
+  from PIL import Image
+  for model, opt, steps, accs in (("vitc", "adamw", 200, (0.80, 0.79, 0.70)),
+                                  ("vitc", "sgd", 200, (0.78, 0.60)),
+                                  ("vitp", "adamw", 200, (0.75,)),
+                                  ("vitp", "sgd", 200, (0.65, float("nan"))),
+                                  ("vitc", "adamw", 400, (0.82, 0.81))):
+    for i, a in enumerate(accs):
+      _configured_trial(tmp_path / f"{model}_{opt}_{steps}", str(i), model, opt, steps, a)
+  run = tmp_path / "vitc_sgd_200" / "0"  # a single run's workdir is a sweep of one
+  sweep = stability.read_sweep(str(run))
+  assert sweep.errors == pytest.approx([22.0]) and (sweep.model, sweep.steps) == ("vitc", 200)
+  paths = [str(p) for p in sorted(tmp_path.iterdir())]
+  stability.main(paths + [f"--out={tmp_path / 'out'}"])
+  text = capsys.readouterr().out
+  assert "| vitc @ 200 steps | 20.00 | 22.00 | +2.00 |" in text
+  assert "| vitp @ 200 steps | 25.00 | 35.00 | +10.00 |" in text
+  assert "vitc @ 400 steps" not in text  # no SGD run at 400 steps
+  assert "| error (gap) | 20.00 (+2.00) | 18.00 (+0.00) |" in text  # vitc adamw 200 vs 400
+  saved = json.loads((tmp_path / "out" / "stability.json").read_text())
+  vitp_sgd = next(s for s in saved["sweeps"] if s["label"] == "vitp_sgd_200")
+  assert vitp_sgd["errors"] == [pytest.approx(35.0), None] and vitp_sgd["edf"]["4.0"] == 0.5
+  assert saved["training_length"] == {"vitc adamw": {"200": pytest.approx(20.0),
+                                                     "400": pytest.approx(18.0)}}
+  with Image.open(tmp_path / "out" / "edf.png") as im:
+    assert im.size[0] > 400 and im.size[1] > 250
+  with pytest.raises(SystemExit, match="error: 1 labels for 5 paths"):
+    stability.main(paths + ["--labels=a"])

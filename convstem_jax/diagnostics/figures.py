@@ -115,3 +115,30 @@ def curves_figure(workdirs: Sequence[str], path, labels: Sequence[str] | None = 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   return _save(fig, path)
+
+
+def edf_figure(sweeps: Mapping[str, Sequence[float]], path, max_delta: float = 20.0) -> str:
+  """Xiao et al.'s Figures 3-4: per sweep, the fraction of all its trials (failed ones
+  included, never reached) whose top-1 error is within Δ points of the sweep's best."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, errors in sweeps.items():
+    finite = np.sort([e for e in errors if np.isfinite(e)])
+    n = len(errors)
+    if not len(finite):
+      ax.plot([], [], label=f"{label}: 0/{n} scored")
+      continue
+    deltas = finite - finite[0]
+    xs = np.concatenate([[0.0], deltas, [max(max_delta, deltas[-1])]])
+    ys = np.concatenate([[0.0], np.arange(1, len(deltas) + 1) / n, [len(deltas) / n]])
+    ax.step(xs, ys, where="post",
+            label=f"{label}: best error {finite[0]:.1f}%, {len(finite)}/{n} scored")
+  for d in (2, 4):
+    ax.axvline(d, color="grey", ls=":", lw=1)
+  ax.set_xlim(0, max_delta)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("Δ top-1 error to the sweep's best trial (points)")
+  ax.set_ylabel("cumulative fraction of trials")
+  ax.set_title("Error EDF of (lr, wd) sweeps (Xiao et al. Figs. 3-4)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  return _save(fig, path)

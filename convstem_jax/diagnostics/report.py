@@ -1,6 +1,8 @@
 """Every measure of `measures.py`, layer by layer, for one model on real images.
 
-  result = analyse(model, variables, images)   # a JSON-able dict
+  images = eval_images(config, 64)             # the first eval images, eval preprocessing
+  result = analyse(model, variables, images)   # a JSON-able dict (and "_maps" for figures)
+  scalars(result)                              # {"diagnostics/<measure>/<layer>": float}
 
 Layers: the stem output (its patch tokens) and every block's output. Tokens measures
 use the patch tokens only (class token left out); attention measures follow
@@ -17,8 +19,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convstem_jax import config as config_lib
+from convstem_jax import data as data_lib
 from convstem_jax.diagnostics import attention as attention_lib
 from convstem_jax.diagnostics import measures
+
+
+def eval_images(config, n: int) -> np.ndarray:
+  """The first `n` images of the config's first eval split, preprocessed for eval."""
+  split = config_lib.get(config, "eval_splits")[0]
+  out, have = [], 0
+  for batch in data_lib.get_source(config, split).eval_batches(min(n, 64)):
+    images = batch["image"][batch["mask"] > 0]
+    out.append(images[:n - have])
+    have += len(out[-1])
+    if have >= n:
+      break
+  return np.concatenate(out)
 
 
 def _forward(model):
@@ -82,4 +99,22 @@ def analyse(model, variables: dict, images: np.ndarray, batch: int = 16,
                             measures.patch_attention(m, prefix), grid, window)]
                       for m in first_maps]
   out["_maps"] = [m[:keep_maps] for m in first_maps]  # for figures, not for JSON
+  return out
+
+
+# Per-layer measures as scalars; per-head ones averaged over heads (the JSON keeps them).
+SCALARS = ("token_similarity", "rank_collapse_ratio", "mean_attention_distance_px",
+           "attention_entropy", "class_token_mass")
+
+
+def scalars(result: dict) -> dict[str, float]:
+  """{'diagnostics/<measure>/<layer>': value} for metrics.jsonl and TensorBoard."""
+  out = {}
+  for measure in SCALARS:
+    values = result.get(measure)
+    if values is None:
+      continue
+    layers = result["layers"][len(result["layers"]) - len(values):]  # blocks only
+    for layer, v in zip(layers, values):
+      out[f"diagnostics/{measure}/{layer}"] = float(np.mean(v))
   return out

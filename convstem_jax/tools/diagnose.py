@@ -25,24 +25,10 @@ from etils import epath
 
 from convstem_jax import checkpoint as ckpt_lib
 from convstem_jax import config as config_lib
-from convstem_jax import data as data_lib
 from convstem_jax import errors
 from convstem_jax.diagnostics import figures, report
 from convstem_jax.models import model_from_config
 from convstem_jax.weights import load
-
-
-def eval_images(config, n: int) -> np.ndarray:
-  """The first `n` images of the run's first eval split, preprocessed for eval."""
-  split = config_lib.get(config, "eval_splits")[0]
-  out, have = [], 0
-  for batch in data_lib.get_source(config, split).eval_batches(min(n, 64)):
-    images = batch["image"][batch["mask"] > 0]
-    out.append(images[:n - have])
-    have += len(out[-1])
-    if have >= n:
-      break
-  return np.concatenate(out)
 
 
 def diagnose(workdir: str, checkpoint: str = "", images: int = 64, ema: bool = False,
@@ -54,7 +40,7 @@ def diagnose(workdir: str, checkpoint: str = "", images: int = 64, ema: bool = F
   variables = load.load_variables(str(epath.Path(workdir) / "checkpoints" / str(step)),
                                   model, ema=ema)
   variables.setdefault("batch_stats", {})
-  x = eval_images(config, images)
+  x = report.eval_images(config, images)
   t0 = time.perf_counter()
   result = report.analyse(model, variables, x)
   result["seconds"] = time.perf_counter() - t0

@@ -1,27 +1,38 @@
-r"""Xiao et al.'s stability protocol, read back: the error distribution of a sweep.
+r"""Xiao et al.'s stability protocol, read back: error distributions, EDF figure, and the
+optimizer-gap and training-length tables.
 
-After the 64 trials of `configs/early_conv.py:model=M,opt=O,trial=i` (one workdir each),
+    python -m convstem_jax.tools.stability SWEEP_OR_RUN [...] [--labels=a,b] [--out=DIR]
 
-    python -m convstem_jax.tools.stability gs://BUCKET/early_conv/stab_vitc_18gf_sgd \
-        gs://BUCKET/early_conv/stab_vitp_18gf_sgd
-
-prints, per sweep directory (its sub-directories are the trials), the best top-1 error
-and the empirical distribution function of the paper's Figures 3-4: the fraction of
-trials whose error is within d points of that sweep's best run. The paper's claim for
-SGD: about 60% of ViT_C-18GF trials within 4 points, under 20% of ViT_P-18GF's.
-A trial counts with its last logged eval; trials that never evaluated or diverged
-(non-finite accuracy) count as infinitely far from the best, so a sweep's failures show.
+Each path is a sweep (a `tools/sweep` directory, or any directory holding one workdir
+per trial, e.g. the 64 of `configs/early_conv.py:model=M,opt=O,trial=i`) or a single
+run's workdir. Printed:
+- per path, the best top-1 error and the empirical distribution function of Xiao et
+  al.'s Figures 3-4: the fraction of trials within d points of that sweep's best. The
+  paper's claim for SGD: about 60% of ViT_C-18GF trials within 4 points, under 20% of
+  ViT_P-18GF's;
+- the optimizer gap (Figure 1): per model and length, the best error with SGD minus
+  with AdamW, when both were given;
+- the training length (Figure 2): per model and optimizer, the best error at each
+  length given (steps trained) and its gap to the longest, when several were given.
+Models, optimizers and lengths are read from the trials' config.json (`model_name`,
+`optimizer`) and metrics.jsonl (last step). With --out, DIR/edf.png draws the EDFs
+overlaid (one curve per path) and DIR/stability.json holds every number printed.
+A trial counts with its last logged eval; trials that never evaluated, diverged
+(non-finite accuracy) or that tools/sweep did not record as finished count as
+infinitely far from the best: they never enter the EDF, so a sweep's failures show.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 from etils import epath
 
+from convstem_jax import errors as errors_lib
 from convstem_jax import metrics
 
 DELTAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -56,50 +67,148 @@ def edf(errors: Sequence[float], deltas: Iterable[float] = DELTAS) -> dict[float
   return {d: sum(e <= best + d for e in finite) / len(errors) for d in deltas}
 
 
-def sweep_errors(sweep_dir: epath.PathLike, metric: str = "auto") -> list[float]:
-  """Top-1 error (in points) of every trial of a sweep: those `tools/sweep` recorded in
-  sweep.json (a trial not finished counts as a failure, inf), else every directory."""
-  root = epath.Path(sweep_dir)
+def _trials(root: epath.Path) -> list[tuple[epath.Path, bool]]:
+  """(workdir, finished) of each trial: those tools/sweep recorded in sweep.json (a trial
+  not finished there counts as a failure), else the path itself when it is a run, else
+  every sub-directory."""
   if (root / "sweep.json").exists():
-    trials = [(epath.Path(t["workdir"]), t["status"] == "finished")
-              for t in json.loads((root / "sweep.json").read_text())["trials"]]
-  else:
-    trials = [(p, True) for p in sorted(root.iterdir()) if p.is_dir()]
+    return [(epath.Path(t["workdir"]), t["status"] == "finished")
+            for t in json.loads((root / "sweep.json").read_text())["trials"]]
+  if (root / "metrics.jsonl").exists():
+    return [(root, True)]
+  return [(p, True) for p in sorted(root.iterdir()) if p.is_dir()]
+
+
+def sweep_errors(sweep_dir: epath.PathLike, metric: str = "auto") -> list[float]:
+  """Top-1 error (in points) of every trial of a sweep (or of a single run)."""
   errors = []
-  for trial, finished in trials:
+  for trial, finished in _trials(epath.Path(sweep_dir)):
     acc = final_metric(trial, metric) if finished and trial.exists() else None
     ok = acc is not None and math.isfinite(acc)
     errors.append(100.0 * (1.0 - acc) if ok else math.inf)
   return errors
 
 
-def report(sweep_dirs: Sequence[str], metric: str = "auto") -> str:
+class Sweep(NamedTuple):
+  label: str
+  errors: list[float]
+  model: str | None       # config.json's model_name (None: no config.json found)
+  optimizer: str | None
+  steps: int              # the longest a trial ran (last logged step)
+
+  @property
+  def best(self) -> float:
+    return min(self.errors)
+
+
+def read_sweep(path: str, label: str = "", metric: str = "auto") -> Sweep:
+  root = epath.Path(path)
+  if not root.is_dir():
+    raise errors_lib.UserError(f"{path} is not a directory; pass a sweep directory or a "
+                               "run's workdir.")
+  trials = _trials(root)
+  if not trials:
+    raise errors_lib.UserError(f"No trial directories under {path}; pass the directory "
+                               "that holds one workdir per trial, or a run's workdir.")
+  model = optimizer = None
+  steps = 0
+  for trial, _ in trials:
+    if model is None and (trial / "config.json").exists():
+      config = json.loads((trial / "config.json").read_text())
+      model, optimizer = config.get("model_name"), config.get("optimizer")
+    rows = metrics.read_records(trial) if trial.exists() else []
+    steps = max([steps] + [int(r["step"]) for r in rows])
+  return Sweep(label or root.name, sweep_errors(root, metric), model, optimizer, steps)
+
+
+def _cell(error: float) -> str:
+  return f"{error:.2f}" if math.isfinite(error) else "none finished"
+
+
+def edf_table(sweeps: Sequence[Sweep]) -> str:
   head = "| sweep | trials | best error | " + " | ".join(f"≤ best+{d:g}" for d in DELTAS)
   lines = [head + " |", "|---" * (3 + len(DELTAS)) + "|"]
-  for d in sweep_dirs:
-    errors = sweep_errors(d, metric)
-    if not errors:
-      raise FileNotFoundError(f"No trial directories under {d}; pass the directory that "
-                              "holds one workdir per trial.")
-    best = min(errors)
-    fractions = edf(errors)
-    cells = [f"{fractions[x]:.0%}" for x in DELTAS]
-    best_cell = f"{best:.2f}" if math.isfinite(best) else "none finished"
-    lines.append(f"| {epath.Path(d).name} | {len(errors)} | {best_cell} | "
-                 + " | ".join(cells) + " |")
+  for s in sweeps:
+    fractions = edf(s.errors)
+    lines.append(f"| {s.label} | {len(s.errors)} | {_cell(s.best)} | "
+                 + " | ".join(f"{fractions[x]:.0%}" for x in DELTAS) + " |")
   return "\n".join(lines)
+
+
+def optimizer_gaps(sweeps: Sequence[Sweep]) -> dict[str, dict[str, float]]:
+  """{'model @ N steps': {'adamw': best, 'sgd': best, 'gap': sgd - adamw}} for each model
+  and length run with both optimizers."""
+  best = collections.defaultdict(dict)
+  for s in sweeps:
+    if s.model and s.optimizer:
+      key = f"{s.model} @ {s.steps} steps"
+      best[key][s.optimizer] = min(best[key].get(s.optimizer, math.inf), s.best)
+  return {k: {**b, "gap": b["sgd"] - b["adamw"]} for k, b in best.items()
+          if {"adamw", "sgd"} <= set(b)}
+
+
+def length_gaps(sweeps: Sequence[Sweep]) -> dict[str, dict[int, float]]:
+  """{'model optimizer': {steps: best error}} for those run at several lengths."""
+  best = collections.defaultdict(dict)
+  for s in sweeps:
+    if s.model and s.optimizer:
+      key = f"{s.model} {s.optimizer}"
+      best[key][s.steps] = min(best[key].get(s.steps, math.inf), s.best)
+  return {k: dict(sorted(v.items())) for k, v in best.items() if len(v) > 1}
+
+
+def report(sweeps: Sequence[Sweep]) -> str:
+  out = [edf_table(sweeps)]
+  gaps = optimizer_gaps(sweeps)
+  if gaps:
+    out += ["", "Optimizer gap (best error, points; Xiao et al. Fig. 1):", "",
+            "| model @ length | AdamW | SGD | SGD - AdamW |", "|---|---|---|---|"]
+    out += [f"| {m} | {_cell(g['adamw'])} | {_cell(g['sgd'])} | {g['gap']:+.2f} |"
+            for m, g in gaps.items()]
+  lengths = length_gaps(sweeps)
+  if lengths:
+    out += ["", "Training length (best error, points, and gap to the longest; Xiao et "
+            "al. Fig. 2):", ""]
+    for key, by_steps in lengths.items():
+      longest = by_steps[max(by_steps)]
+      out += [f"| {key} | " + " | ".join(f"{n} steps" for n in by_steps) + " |",
+              "|---" * (1 + len(by_steps)) + "|",
+              "| error (gap) | " + " | ".join(f"{_cell(e)} ({e - longest:+.2f})"
+                                            for e in by_steps.values()) + " |", ""]
+  return "\n".join(out).rstrip()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("sweeps", nargs="+", help="directories holding one workdir per trial")
+  parser.add_argument("sweeps", nargs="+", help="sweep directories or run workdirs")
+  parser.add_argument("--labels", default="", help="comma-separated names, one per path")
   parser.add_argument("--metric", default="auto",
                       help="metrics.jsonl key, e.g. validation_ema/accuracy (default: "
                            "the EMA accuracy if logged, else the raw one)")
+  parser.add_argument("--out", default="", help="directory for edf.png and stability.json")
   args = parser.parse_args(argv)
   try:
-    print(report(args.sweeps, args.metric))
-  except FileNotFoundError as e:
+    labels = args.labels.split(",") if args.labels else [""] * len(args.sweeps)
+    if len(labels) != len(args.sweeps):
+      raise errors_lib.UserError(f"{len(labels)} labels for {len(args.sweeps)} paths")
+    sweeps = [read_sweep(p, l, args.metric) for p, l in zip(args.sweeps, labels)]
+    print(report(sweeps))
+    if args.out:
+      from convstem_jax.diagnostics import figures  # pylint: disable=g-import-not-at-top
+      out = epath.Path(args.out)
+      print(figures.edf_figure({s.label: s.errors for s in sweeps}, out / "edf.png"))
+      finite = lambda e: e if math.isfinite(e) else None
+      (out / "stability.json").write_text(json.dumps({
+          "sweeps": [{"label": s.label, "path": p, "model": s.model,
+                      "optimizer": s.optimizer, "steps": s.steps,
+                      "errors": [finite(e) for e in s.errors], "best": finite(s.best),
+                      "edf": {str(d): f for d, f in edf(s.errors).items()}}
+                     for s, p in zip(sweeps, args.sweeps)],
+          "optimizer_gap": {k: {o: finite(e) for o, e in v.items()}
+                            for k, v in optimizer_gaps(sweeps).items()},
+          "training_length": {k: {str(n): finite(e) for n, e in v.items()}
+                              for k, v in length_gaps(sweeps).items()}}, indent=1))
+  except errors_lib.UserError as e:
     raise SystemExit(f"error: {e}") from None
 
 

@@ -34,11 +34,11 @@ def convert(source: files.Source, model: ViT) -> core.Converted:
     out = core.Converted(dict(source.tensors), {k: k for k in source.tensors})
   else:
     out = _CONVERTERS[source.kind](source.tensors, model)
-  _to_layout(out, scanned=model.scan_blocks, depth=model.depth)
+  to_layout(out, scanned=model.scan_blocks, depth=model.depth)
   return out
 
 
-def _to_layout(conv: core.Converted, scanned: bool, depth: int) -> None:
+def to_layout(conv: core.Converted, scanned: bool, depth: int) -> None:
   """Stacks `block_i/...` into `blocks/...` (scan_blocks) or splits it back."""
   unrolled = {n for n in conv.tensors if re.match(r"params/block_\d+/", n)}
   stacked = {n for n in conv.tensors if n.startswith("params/blocks/")}
