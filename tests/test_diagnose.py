@@ -34,7 +34,7 @@ def test_diagnose_and_compare_write_json_in_range_and_figures(runs):
   proc = subprocess.run([sys.executable, "-m", "convstem_jax.tools.diagnose",
                          f"--workdir={conv}", "--images=20", "--compare", str(conv),
                          str(out["patchify"][0]), f"--out={root / 'cmp'}",
-                         "--labels=conv stem,patchify"],
+                         "--labels=conv stem,patchify", "--heads=2,0", "--query=0,3"],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   result = json.loads((conv / "diagnostics" / "3" / "diagnostics.json").read_text())
@@ -47,7 +47,7 @@ def test_diagnose_and_compare_write_json_in_range_and_figures(runs):
   assert all(0 <= e <= np.log(g * g) + 1e-9 for e in result["attention_entropy"][0])
   assert len(result["class_token_mass"]) == depth
   for png in ["token_similarity", "rank_collapse_ratio", "mean_attention_distance_px",
-              "attention_entropy", "attention_maps", "curves"]:
+              "attention_entropy", "attention_maps_0", "attention_maps_1", "curves"]:
     with Image.open(conv / "diagnostics" / "3" / f"{png}.png") as im:
       assert im.size[0] > 300 and im.size[1] > 100
   for png in ["token_similarity", "attention_entropy", "curves"]:
@@ -55,6 +55,11 @@ def test_diagnose_and_compare_write_json_in_range_and_figures(runs):
       assert im.size[0] > 300
   assert json.loads((root / "cmp" / "patchify" / "diagnostics.json").read_text())[
       "model"] == "vitp_1gf"
+  bad = subprocess.run([sys.executable, "-m", "convstem_jax.tools.diagnose",
+                        f"--workdir={conv}", "--images=2", "--query=4,0",
+                        f"--out={root / 'bad'}"], capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+      "error: query (4, 0) is outside the 4x4 patch grid"), bad.stderr
 
 
 def test_measures_are_batch_weighted_means(runs):

@@ -62,33 +62,40 @@ def measure_figure(results: Mapping[str, dict], measure: str, path) -> str:
   return _save(fig, path)
 
 
-def attention_maps_figure(result: dict, image: np.ndarray, path, heads: int = 4,
-                          query: tuple[int, int] | None = None) -> str:
-  """The first image and, per block (rows) and head (columns), where one patch query
-  (default: the grid centre) attends, over the patch grid."""
+def attention_maps_figure(result: dict, image: np.ndarray, path,
+                          heads: Sequence[int] | int = 4, query: tuple[int, int] | None = None,
+                          index: int = 0) -> str:
+  """Image `index` of the measured ones and, per block (rows) and head (columns; a list
+  of head indices, or the first N), where one patch query (default: the grid centre)
+  attends, over the patch grid."""
   maps = result["_maps"]
   g, prefix = result["grid"], result["class_tokens"]
   qy, qx = query or (g // 2, g // 2)
+  if not (0 <= qy < g and 0 <= qx < g):
+    raise ValueError(f"query ({qy}, {qx}) is outside the {g}x{g} patch grid")
   q = prefix + qy * g + qx
-  n_heads = min(heads, maps[0].shape[1])
-  fig, axes = plt.subplots(len(maps), n_heads + 1, figsize=(1.8 * (n_heads + 1),
-                                                            1.8 * len(maps)), squeeze=False)
+  n_heads = maps[0].shape[1]
+  heads = list(range(min(heads, n_heads))) if isinstance(heads, int) else list(heads)
+  if any(not 0 <= h < n_heads for h in heads):
+    raise ValueError(f"heads {heads}: the model has heads 0-{n_heads - 1}")
+  fig, axes = plt.subplots(len(maps), len(heads) + 1, figsize=(1.8 * (len(heads) + 1),
+                                                               1.8 * len(maps)), squeeze=False)
   shown = (image - image.min()) / max(float(np.ptp(image)), 1e-6)
   for b, block in enumerate(maps):
     axes[b, 0].imshow(shown)
     p = result["patch_px"]
     axes[b, 0].add_patch(plt.Rectangle((qx * p, qy * p), p, p, fill=False, color="red"))
     axes[b, 0].set_ylabel(f"block {b}", fontsize=8)
-    for h in range(n_heads):
-      row = block[0, h, q, prefix:].reshape(g, g)
-      axes[b, h + 1].imshow(row, cmap="viridis")
-      axes[b, h + 1].plot(qx, qy, "r+")
+    for col, h in enumerate(heads):
+      row = block[index, h, q, prefix:].reshape(g, g)
+      axes[b, col + 1].imshow(row, cmap="viridis")
+      axes[b, col + 1].plot(qx, qy, "r+")
       if b == 0:
-        axes[b, h + 1].set_title(f"head {h}", fontsize=8)
+        axes[b, col + 1].set_title(f"head {h}", fontsize=8)
   for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.suptitle(f"Attention of the query patch ({qy}, {qx}) (red), first image", fontsize=9)
+  fig.suptitle(f"Attention of the query patch ({qy}, {qx}) (red), image {index}", fontsize=9)
   return _save(fig, path)
 
 
