@@ -212,3 +212,15 @@ def test_one_unit_on_the_command_line_clears_the_other():
               "--config.checkpoint_every_steps=7")
   with pytest.raises(errors.UserError, match="both set"):
     train.durations(both, 1970)
+
+
+@pytest.mark.parametrize("opt, peak", [("adamw", 1e-3), ("sgd", 0.1)])
+def test_elpv_sweep_budget_schedule(opt, peak):
+  """README's ELPV stability sweeps: 200 steps, 20 linear warmup steps, cosine to 0."""
+  config = load(f"elpv.py:opt={opt},size=48,depth=4,steps=200,warmup=20")
+  run, lr, _ = run_plan(config, 1970)
+  assert run.total_steps == 200
+  for step in (0, 10, 20, 110, 199):
+    expected = (peak * step / 20 if step < 20 else
+                peak * 0.5 * (1 + math.cos(math.pi * (step - 20) / 180)))
+    assert close(lr(step), expected, peak), step
