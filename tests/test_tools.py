@@ -100,3 +100,19 @@ def test_stability_optimizer_gap_length_tables_and_edf_figure(tmp_path, capsys):
     assert im.size[0] > 400 and im.size[1] > 250
   with pytest.raises(SystemExit, match="error: 1 labels for 5 paths"):
     stability.main(paths + ["--labels=a"])
+
+
+def test_plot_draws_runs_and_sweeps_and_refuses_empty_dirs(tmp_path, capsys):
+  from PIL import Image
+  from convstem_jax.tools import plot
+  for name, accs in (("run", (0.5, 0.7)), ("sweep/trial_000", (0.6,)), ("sweep/trial_001", (0.4,))):
+    _trial(tmp_path, name, *accs, key="test/accuracy")
+  assert plot.workdirs_of(str(tmp_path / "sweep")) == [str(tmp_path / "sweep" / "trial_000"),
+                                                     str(tmp_path / "sweep" / "trial_001")]
+  plot.main([str(tmp_path / "run"), str(tmp_path / "sweep"), f"--out={tmp_path / 'c.png'}"])
+  assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
+  with Image.open(tmp_path / "c.png") as im:
+    assert im.size[0] > 800
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(SystemExit, match="error: .*empty has no metrics.jsonl"):
+    plot.main([str(tmp_path / "empty"), f"--out={tmp_path / 'd.png'}"])

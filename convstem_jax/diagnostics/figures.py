@@ -120,7 +120,8 @@ def curves_figure(workdirs: Sequence[str], path, labels: Sequence[str] | None = 
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   return _save(fig, path)
 
 
