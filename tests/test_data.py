@@ -3,6 +3,7 @@ slices, eval padding and resumable train streams. Small generated images only.""
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -374,3 +375,47 @@ def test_folder_config_reads_classes_and_builds_a_small_grid_model(tmp_path, siz
   assert model.stem_spec().grid(size) == grid
   b = next(data_lib.get_source(c, "train").train_batches(4))
   assert b["image"].shape == (4, size, size, 3)
+
+
+def test_folder_checks_each_image_once_and_remembers(tmp_path, caplog, monkeypatch):
+  """The manifest: a restart decodes nothing it has seen at the same size and mtime,
+  still reports the skipped files, and rechecks a changed one; a tree it cannot write
+  to keeps its manifest in the cache."""
+  from convstem_jax.data import folder
+  root = tmp_path / "data"
+  write_folder(root / "train")
+  write_folder(root / "test", per_class=(1, 1, 1))
+  broken = root / "train" / "class_0" / "broken.jpg"
+  broken.write_bytes(b"\xff\xd8\xff garbage")
+  c = make_config(dataset="folder", data_dir=str(root))
+  decoded = []
+  real = folder._readable
+  monkeypatch.setattr(folder, "_readable", lambda p: decoded.append(p) or real(p))
+
+  def build():
+    folder.scan.cache_clear()  # a new process
+    decoded.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      source = data_lib.get_source(c, "train")
+    return source, " ".join(r.getMessage() for r in caplog.records)
+
+  first, log = build()
+  assert len(decoded) == first.num_examples + 1 and "skipped 1 " in log
+  assert (root / "train" / folder.MANIFEST).exists()
+  again, log = build()
+  assert decoded == [] and "skipped 1 " in log and "broken.jpg" in log
+  assert list(again.paths) == list(first.paths)
+  shutil.copy(root / "train" / "class_0" / "img_0.png", broken)  # now readable
+  fixed, log = build()
+  assert decoded == [str(broken)] and "skipped" not in log
+  assert fixed.num_examples == first.num_examples + 1
+  # Read-only tree: the manifest goes to $XDG_CACHE_HOME instead.
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  (root / "test" / folder.MANIFEST).mkdir()  # a manifest that cannot be written there
+  data_lib.get_source(c, "test")
+  cached = folder.manifest_paths(str(root / "test"))[1]
+  assert cached.startswith(str(tmp_path / "cache")) and os.path.exists(cached)
+  folder.scan.cache_clear()
+  decoded.clear()
+  assert data_lib.get_source(c, "test").num_examples == 3 and decoded == []

@@ -9,15 +9,20 @@ Classes are the sorted subfolder names of the train tree (label = position). Spl
 'train' and 'test'; 'val' / 'validation' read the same held-out tree.
 
 Files are images by extension (jpg, jpeg, png, gif, bmp, webp, tif, tiff, ppm, pgm);
-anything else (notes, .DS_Store, csv) is ignored. Every image is opened once when the
-source is built; unreadable or corrupt ones are skipped, and their count and first few
-names are logged in one warning (each tree is scanned once per process).
+anything else (notes, .DS_Store, csv) is ignored. Unreadable or corrupt images are
+skipped, and their count and first few names are logged in one warning at every start.
+Whether an image decodes is checked once and remembered: a manifest of (path, size,
+modification time, readable) is written beside the tree (`<tree>/.convstem_manifest.tsv`;
+if the tree is read-only, under $XDG_CACHE_HOME or ~/.cache/convstem_jax/folders/), so
+later starts, resumes and the other processes of a run decode only files that are new or
+changed since and start in the time it takes to list and stat the tree.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
 import logging
 import os
 
@@ -65,9 +70,77 @@ def scan(tree: str):
   return (classes, *drop_unreadable(paths, labels, tree))
 
 
+MANIFEST = ".convstem_manifest.tsv"
+
+
+def manifest_paths(tree: str) -> list[str]:
+  """Where a tree's manifest may live: beside it, else in the user's cache."""
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+  key = hashlib.sha256(os.path.abspath(tree).encode()).hexdigest()[:20]
+  return [os.path.join(tree, MANIFEST),
+          os.path.join(cache, "convstem_jax", "folders", f"{key}.tsv")]
+
+
+def read_manifest(tree: str) -> dict[str, tuple[int, int, bool]]:
+  """{path relative to tree: (size, mtime_ns, readable)} ({} if none)."""
+  for path in manifest_paths(tree):
+    try:
+      with open(path, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+      return {r[0]: (int(r[1]), int(r[2]), r[3] == "1") for r in rows if len(r) == 4}
+    except (OSError, ValueError):
+      continue
+  return {}
+
+
+def write_manifest(tree: str, entries: dict[str, tuple[int, int, bool]]) -> None:
+  """Atomically (a temporary file renamed over the old one), so processes writing at
+  once leave one whole manifest; a tree we cannot write to gets the cached one."""
+  text = "".join(f"{rel}\t{size}\t{mtime}\t{int(ok)}\n"
+                 for rel, (size, mtime, ok) in sorted(entries.items())
+                 if "\t" not in rel and "\n" not in rel)  # such names: checked each start
+  for path in manifest_paths(tree):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+      os.replace(tmp, path)
+      return
+    except OSError:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+  logging.warning("Image folder %s: could not write its manifest anywhere; the next start "
+                  "checks every image again.", tree)
+
+
 def drop_unreadable(paths, labels, where: str):
+  """The paths (and labels) that decode, checking only files the manifest does not know
+  at their current size and modification time."""
+  def stat(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    ok = list(pool.map(_readable, paths))
+    stats = list(pool.map(stat, paths))
+    rels = [os.path.relpath(p, where) for p in paths]
+    known = read_manifest(where)
+    verdict = {}
+    todo = []
+    for rel, path, (size, mtime) in zip(rels, paths, stats):
+      entry = known.get(rel)
+      if entry is not None and entry[:2] == (size, mtime):
+        verdict[rel] = entry[2]
+      else:
+        todo.append((rel, path))
+    for (rel, _), ok in zip(todo, pool.map(_readable, [p for _, p in todo])):
+      verdict[rel] = ok
+  if todo or set(known) != set(rels):
+    logging.info("Image folder %s: decoded %d new or changed file(s) of %d to check them; "
+                 "the others were known from the manifest.", where, len(todo), len(paths))
+    write_manifest(where, {rel: (*st, verdict[rel]) for rel, st in zip(rels, stats)})
+  ok = [verdict[rel] for rel in rels]
   bad = [p for p, good in zip(paths, ok) if not good]
   if bad:
     logging.warning("Image folder %s: skipped %d unreadable or corrupt file(s) of %d: %s%s",
