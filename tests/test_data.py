@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import tfds_util
 from convstem_jax import config as config_lib
 from convstem_jax import data as data_lib
 from convstem_jax.data import common, elpv, pp
@@ -419,3 +420,57 @@ def test_folder_checks_each_image_once_and_remembers(tmp_path, caplog, monkeypat
   folder.scan.cache_clear()
   decoded.clear()
   assert data_lib.get_source(c, "test").num_examples == 3 and decoded == []
+
+
+@pytest.fixture(scope="module")
+def dummy_tfds(tmp_path_factory):
+  return tfds_util.prepare(tmp_path_factory.mktemp("tfds"))
+
+
+def _stream(c, start_step, count):
+  batches = data_lib.get_source(c, "train").train_batches(4, start_step=start_step)
+  return [next(batches) for _ in range(count)]
+
+
+def _assert_resumes_exactly(c):
+  whole = _stream(c, 0, 14)  # 14 batches of 4 over slices of 10 and 20: epoch edges mid-batch
+  for s in (3, 5, 11):
+    for a, b in zip(whole[s:], _stream(c, s, 14 - s)):
+      assert a["image"].tobytes() == b["image"].tobytes() and np.array_equal(
+          a["label"], b["label"]), s
+  return whole
+
+
+@pytest.mark.parametrize("repeated_aug", [1, 3])
+def test_tfds_stream_resumes_exactly_mock(tmp_path, repeated_aug):
+  c = make_config(dataset="cifar10", num_classes=10, data_dir=str(tmp_path),
+                  repeated_aug=repeated_aug)
+  with tfds.testing.mock_data(num_examples=10):
+    whole = _assert_resumes_exactly(c)
+  assert not np.array_equal(whole[0]["image"], whole[5]["image"])
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_tfds_stream_resumes_exactly_from_shards(dummy_tfds, monkeypatch, processes):
+  fake_processes(monkeypatch, processes, processes - 1)
+  c = make_config(dataset="tfds:identity_images", num_classes=10, data_dir=dummy_tfds,
+                  repeated_aug=2)
+  assert data_lib.get_source(c, "train")._shards() is not None  # the shard-shuffling path
+  _assert_resumes_exactly(c)
+
+
+def test_tfds_each_process_reads_its_slice_once_per_epoch_in_a_new_order(dummy_tfds,
+                                                                       monkeypatch):
+  c = make_config(dataset="tfds:identity_images", num_classes=10, data_dir=dummy_tfds,
+                  pp_train="decode|resize(8)")  # no randomness: an image is its identity
+  epochs = {}
+  for index in (0, 1):
+    fake_processes(monkeypatch, 2, index)
+    batches = data_lib.get_source(c, "train").train_batches(5)  # 10 per slice: 2 batches
+    images = [bytes(x.tobytes()) for _ in range(6) for x in next(batches)["image"]]
+    epochs[index] = [images[k:k + 10] for k in range(0, 30, 10)]
+  for index in (0, 1):
+    for epoch in epochs[index]:
+      assert sorted(epoch) == sorted(epochs[index][0])  # the same slice every epoch
+    assert len({tuple(e) for e in epochs[index]}) == 3  # in a new order each epoch
+  assert len(set(epochs[0][0])) == 10 and not set(epochs[0][0]) & set(epochs[1][0])

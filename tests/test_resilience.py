@@ -50,11 +50,11 @@ STOPPED = re.compile(r"stopped at step (\d+); checkpoint (\d+) is committed")
 class Child:
   """`python -m convstem_jax.main` in the background, its stderr in a file to poll."""
 
-  def __init__(self, workdir: pathlib.Path, *extra: str):
+  def __init__(self, workdir: pathlib.Path, *extra: str, base: tuple[str, ...] = tuple(ELPV)):
     self.log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
     self.file = open(self.log, "w")
     self.t0 = time.perf_counter()
-    self.proc = subprocess.Popen(command(*ELPV, f"--workdir={workdir}", *extra), cwd=REPO,
+    self.proc = subprocess.Popen(command(*base, f"--workdir={workdir}", *extra), cwd=REPO,
                                  env=child_env(NUM_DEVICES), stdout=self.file,
                                  stderr=subprocess.STDOUT)
 
@@ -90,8 +90,8 @@ class Child:
     return f"$ {' '.join(self.proc.args)}\n{self.text()[-6000:]}"
 
 
-def run_to_end(workdir, *extra) -> Child:
-  child = Child(workdir, *extra)
+def run_to_end(workdir, *extra, base: tuple[str, ...] = tuple(ELPV)) -> Child:
+  child = Child(workdir, *extra, base=base)
   assert child.finish() == 0, str(child)
   return child
 
@@ -267,3 +267,27 @@ def test_damaged_newest_checkpoint_is_skipped_and_tmp_dirs_never_count(reference
   assert not any("tmp" in n for n in names), (before, names)
   assert_bitwise_equal(saved(workdir, TOTAL_STEPS), saved(reference, TOTAL_STEPS))
   assert_records_hold_every_step_once(workdir, reference)
+
+
+def test_a_tfds_run_preempted_mid_epoch_resumes_bitwise(tmp_path):
+  """The same for a tfds source (a real dataset in 4 TFRecord shards): the stream after
+  the restart continues the uninterrupted one, mid-epoch, with repeated augmentation."""
+  import tfds_util  # pylint: disable=g-import-not-at-top
+  data_dir = tfds_util.prepare(tmp_path / "tfds")
+  base = ("--config=configs/elpv.py:runlocal", "--config.dataset=tfds:identity_images",
+          f"--config.data_dir={data_dir}", "--config.num_classes=10",
+          "--config.batch_size=8", "--config.total_steps=24",  # 20 examples: 2.5 steps/epoch
+          "--config.checkpoint_every_steps=4", "--config.log_every_steps=1",
+          "--config.repeated_aug=2", "--config.eval_every_steps=0",
+          "--config.model.dropout=0.1", "--config.ema_decay=0.9")
+  reference = tmp_path / "uninterrupted"
+  run_to_end(reference, base=base)
+  workdir = tmp_path / "preempted"
+  child = Child(workdir, base=base)
+  child.wait_for(r"step (9|1\d)/24 ")  # past the first checkpoints, mid-epoch
+  child.send(signal.SIGTERM)
+  assert child.finish() == PREEMPTED, str(child)
+  stopped = int(STOPPED.search(child.text())[1])
+  assert 9 <= stopped < 24 and stopped % 4, str(child)  # not a periodic checkpoint step
+  run_to_end(workdir, base=base)
+  assert_bitwise_equal(saved(workdir, 24), saved(reference, 24))

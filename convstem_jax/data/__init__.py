@@ -24,13 +24,12 @@ Config fields read here, each optional (default): pp_train, pp_eval (above); dat
 data_threads (tf.data private thread pool, 0 = TensorFlow's choice); shuffle_buffer (tfds,
 50,000); folder_test_fraction (0.2) and folder_split_seed (0) for single-tree folders.
 
-Resuming: file sources (synthetic, elpv, folder) compute each step's batch from
-(config.seed, process, step), so a resumed run sees exactly the batches, augmentations
+Resuming: every source computes each step's batch from (config.seed, process index,
+process count, step), so a resumed run sees exactly the batches, augmentations
 included, that it would have seen: a run resumed from a checkpoint ends bitwise equal to
-one never interrupted (tests/test_resilience.py). tfds streams do NOT continue exactly:
-they restart with a shuffle seed that includes the resume step (tfds_source.py), so a
-resumed ImageNet run sees a different, equally random order; it is the same run only in
-distribution.
+one never interrupted (tests/test_resilience.py). File sources (synthetic, elpv, folder)
+jump straight to the step; tfds streams start at the step's epoch and skip that epoch's
+earlier records (tfds_source.py).
 
 TensorFlow (tf.data / tfds sources) is imported inside the sources that need it, never
 by `import convstem_jax.data`, the models, the train step or the benchmark.

@@ -7,21 +7,24 @@ is not prepared in that directory fails at once with a sentence saying how to pr
 Each process reads `tfds.even_splits(split, process_count)[process_index]`. Images stay
 encoded until the preprocessing pipeline, so `inception_crop` can decode just the crop.
 
-Train stream: shuffled files (seeded), a shuffle buffer (`config.shuffle_buffer`, default
-50,000 or the split size) before `repeat`, augmentation seeded by (config.seed, process,
-position). Resuming: a big tfds split cannot be skipped into cheaply, so
-`train_batches(b, start_step=s)` starts a fresh stream seeded by (config.seed, process,
-s): deterministic for a given resume step, but not the continuation of the
-uninterrupted stream (file sources such as ELPV and folders resume exactly).
+Train stream, a function of (config.seed, process index, process count, step), as for
+file sources: epoch e of this process is its slice read once in an order drawn from
+(seed, process, count, e) - its shards (tfds file instructions) shuffled and read
+interleaved, then a shuffle buffer (`config.shuffle_buffer`, default 50,000, at most the
+slice) - and augmentation is seeded by the example's position in the stream. So
+`train_batches(b, start_step=s)` starts at epoch s*b // n and skips the s*b mod n
+records before it (raw records, read but not decoded or augmented): a resumed run sees
+exactly the batches of the uninterrupted one. Resuming costs reading at most one epoch of
+this process's slice (ImageNet: about 140 GB over all processes, read in parallel by
+them). With another process count the slices differ: the run continues on a stream as
+deterministic, but not the same one (the partial epoch may repeat or miss examples).
+Datasets stored in another format than TFRecord, and tfds.testing.mock_data, keep
+one fixed read order that the per-epoch buffer shuffles.
 
-Repeated augmentation (`config.repeated_aug` = r > 1, DeiT's): each source example is
-read once and appears r times in a row, each copy with its own augmentation seed (its
-stream position). The epoch length stays the split size n (this process's share): an
-epoch is the next ceil(n / r) examples of the shuffled, repeated source stream, the last
-of them repeated only n - (ceil(n / r) - 1) r times. The source stream runs on across
-epochs, so each epoch reads a fresh part of the split and r epochs read it about once
-(unlike restarting the read each epoch, which with a buffered shuffle would favour the
-first files). Epochs count from the start of the stream, i.e. from `start_step` on resume.
+Repeated augmentation (`config.repeated_aug` = r > 1, DeiT's): an epoch is the first
+ceil(n / r) examples of the epoch's order, each r times in a row with its own
+augmentation (the last one only n - (ceil(n / r) - 1) r times): the epoch length stays
+the slice size n, as DeiT's RASampler, and as file sources do.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ _PREPARE = {
                     "image-net.org into {dir}/downloads/manual, then run "
                     "`tfds build imagenet2012 --data_dir={dir}`",
 }
+
+
+def tf_exists(path: str) -> bool:
+  return import_tf().io.gfile.exists(path)
 
 
 def data_dir_for(config) -> str | None:
@@ -115,33 +122,75 @@ class TfdsSource:
       self._local_examples = n
     return self._local_examples
 
-  def _repeat_each(self, tf, ds, repeats: int):
-    """Each example of the (infinite) stream `ds` `repeats` times in a row, in epochs of
-    exactly local_examples() (see the module docstring)."""
-    n = self.local_examples()
-    per_epoch = -(-n // repeats)
-    last = n - (per_epoch - 1) * repeats  # copies of an epoch's last example, 1..repeats
+  def _shards(self):
+    """This process's (file, skip, take) reading instructions, or None when the records
+    cannot be read file by file (another file format, or tfds.testing.mock_data)."""
+    try:
+      if self.builder.info.file_format != self.tfds.core.FileFormat.TFRECORD:
+        return None
+      instructions = self.builder.info.splits[self.local_split].file_instructions
+    except (KeyError, ValueError, TypeError, AttributeError):
+      return None
+    rows = [(f.filename, f.skip, f.take) for f in instructions if f.take != 0]
+    if not rows or not all(tf_exists(f) for f, _, _ in rows[:1]):
+      return None
+    return rows
 
-    def copies(k, f):
-      times = tf.where(k % per_epoch == per_epoch - 1, tf.constant(last, tf.int64),
-                       tf.constant(repeats, tf.int64))
-      return tf.data.Dataset.from_tensors(f).repeat(times)
-    return ds.enumerate().flat_map(copies)
+  def _epoch(self, tf, seed, shards, fixed_order):
+    """One pass over this process's slice in an order that is a function of `seed` (an
+    int64 tensor): `shards` shuffled and interleaved, else `fixed_order` (a dataset)."""
+    if shards is None:
+      ds = fixed_order
+    else:
+      files, skips, takes = (list(x) for x in zip(*shards))
+      decoders = ({"image": self.tfds.decode.SkipDecoding()}
+                  if "image" in self.builder.info.features else None)
+      features = self.builder.info.features
+      order = tf.data.Dataset.from_tensor_slices(
+          (files, tf.constant(skips, tf.int64), tf.constant(takes, tf.int64)))
+      order = order.shuffle(len(files), seed=seed)
+      ds = order.interleave(
+          lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
+          cycle_length=min(16, len(files)), block_length=1,
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = ds.map(lambda r: features.deserialize_example(r, decoders=decoders),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    buffer = int(config_lib.get(self.config, "shuffle_buffer"))
+    return ds.shuffle(max(1, min(buffer, self.local_examples())), seed=seed,
+                      reshuffle_each_iteration=False)
 
   def train_batches(self, local_batch_size: int, start_step: int = 0):
     tf = import_tf()
     from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
     fn = pp.build(pp_spec(self.config, train=True))
-    order_seed = common.seed_for(self.seed, "order", self.split, self.index, start_step)
-    aug_seed = common.seed_for(self.seed, "augment", self.split, self.index, start_step)
-    ds = self._dataset(shuffle=True, seed=order_seed % 2 ** 31)
-    buffer = int(config_lib.get(self.config, "shuffle_buffer"))
-    ds = ds.shuffle(max(1, min(buffer, self.num_examples // self.count + 1)),
-                    seed=order_seed % 2 ** 31, reshuffle_each_iteration=True).repeat()
+    n = self.local_examples()
+    if n == 0:
+      raise errors.UserError(f"Split '{self.split}' has {self.num_examples} examples, too "
+                             f"few for {self.count} processes.")
+    me = (self.split, self.index, self.count)
+    order_seed = common.seed_for(self.seed, "order", *me) % 2 ** 31
+    aug_seed = common.seed_for(self.seed, "augment", *me)
+    start = int(start_step) * local_batch_size
+    first_epoch, offset = divmod(start, n)
     repeats = max(1, int(config_lib.get(self.config, "repeated_aug")))
-    if repeats > 1:
-      ds = self._repeat_each(tf, ds, repeats)
-    ds = tf.data.Dataset.zip(tf.data.Dataset.range(2 ** 62), ds).map(
+    per_epoch = -(-n // repeats)
+    last = n - (per_epoch - 1) * repeats  # copies of an epoch's last example, 1..repeats
+
+    shards = self._shards()
+    fixed_order = self._dataset(shuffle=False) if shards is None else None
+
+    def epoch(e):
+      ds = self._epoch(tf, tf.constant(order_seed, tf.int64) * 1_000_003 + e, shards,
+                       fixed_order)
+      ds = ds.take(per_epoch)
+      if repeats > 1:
+        ds = ds.enumerate().flat_map(lambda k, f: tf.data.Dataset.from_tensors(f).repeat(
+            tf.where(k == per_epoch - 1, tf.constant(last, tf.int64),
+                     tf.constant(repeats, tf.int64))))
+      return ds
+
+    examples = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, 2 ** 62), examples).map(
         lambda p, f: fn({"image": f["image"], "label": f["label"]},
                         tf.stack([tf.constant(aug_seed, tf.int64), p])),
         num_parallel_calls=tf.data.AUTOTUNE)
