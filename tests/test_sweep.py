@@ -3,6 +3,7 @@ tools/stability reading the sweep (unfinished trials count as failures)."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -64,6 +65,12 @@ def test_a_sweep_runs_resumes_and_reads_back(tmp_path):
   assert "trial 0/2" not in proc.stdout and "trial 1/2" in proc.stdout
   assert (tmp_path / "trial_000" / "metrics.jsonl").read_text() == first
   assert all(math.isfinite(e) for e in stability.sweep_errors(tmp_path))
+  moved = tmp_path.parent / f"{tmp_path.name}_moved"  # e.g. copied off the machine
+  shutil.copytree(tmp_path, moved)
+  assert stability.sweep_errors(moved) == stability.sweep_errors(tmp_path)
+  shutil.rmtree(tmp_path / "trial_001")
+  assert math.isinf(stability.sweep_errors(tmp_path)[1])  # no workdir, no result
+  assert math.isfinite(stability.sweep_errors(moved)[1])
   # Other settings in the same directory are refused.
   bad = subprocess.run(args[:-1] + ["--config.eval_every_steps=1"], capture_output=True,
                        text=True, cwd=REPO, env=child_env(1), timeout=120)

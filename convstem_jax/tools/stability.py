@@ -71,8 +71,8 @@ def _trials(root: epath.Path) -> list[tuple[epath.Path, bool]]:
   """(workdir, finished) of each trial: those tools/sweep recorded in sweep.json (a trial
   not finished there counts as a failure), else the path itself when it is a run, else
   every sub-directory."""
-  if (root / "sweep.json").exists():
-    return [(epath.Path(t["workdir"]), t["status"] == "finished")
+  if (root / "sweep.json").exists():  # trials live in the sweep directory, wherever it is now
+    return [(root / epath.Path(t["workdir"]).name, t["status"] == "finished")
             for t in json.loads((root / "sweep.json").read_text())["trials"]]
   if (root / "metrics.jsonl").exists():
     return [(root, True)]
