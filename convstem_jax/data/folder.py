@@ -12,7 +12,7 @@ Files are images by extension (jpg, jpeg, png, gif, bmp, webp, tif, tiff, ppm, p
 anything else (notes, .DS_Store, csv) is ignored. Unreadable or corrupt images are
 skipped, and their count and first few names are logged in one warning at every start.
 Whether an image decodes is checked once and remembered: a manifest of (path, size,
-modification time, readable) is written beside the tree (`<tree>/.convstem_manifest.tsv`;
+modification time, readable) is written beside the tree (`<tree>/.convstem_manifest.json`;
 if the tree is read-only, under $XDG_CACHE_HOME or ~/.cache/convstem_jax/folders/), so
 later starts, resumes and the other processes of a run decode only files that are new or
 changed since and start in the time it takes to list and stat the tree.
@@ -23,8 +23,10 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
+import json
 import logging
 import os
+import stat as stat_lib
 
 import numpy as np
 
@@ -49,28 +51,49 @@ def _readable(path: str) -> bool:
     return False
 
 
-def list_class_tree(root: str) -> tuple[list[str], list[str], list[int]]:
-  """(class names, image paths, labels) under root/<class>/**."""
+def _class_images(class_dir: str) -> list[tuple[str, int, int]]:
+  """(path, size, mtime_ns) of the images under one class folder, in os.walk order with
+  directories and names sorted."""
+  found = {}
+  stack = [class_dir]
+  while stack:
+    directory = stack.pop()
+    names = []
+    with os.scandir(directory) as entries:  # the entry type comes without a stat
+      for e in entries:
+        if e.is_dir(follow_symlinks=False):
+          stack.append(e.path)
+        elif e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith("."):
+          names.append(e.name)
+    paths = [f"{directory}/{n}" for n in sorted(names)]
+    stats = list(map(os.stat, paths))
+    found[directory] = [(p, st.st_size, st.st_mtime_ns) for p, st in zip(paths, stats)
+                        if not stat_lib.S_ISDIR(st.st_mode)]  # links to folders: skipped
+  return [f for d in sorted(found) for f in found[d]]
+
+
+def list_class_tree(root: str, stats: bool = False):
+  """(class names, image paths, labels) under root/<class>/**, and with `stats` their
+  (size, mtime_ns). One thread: the per-file work is Python-bound, and listing class
+  folders in a thread pool measured slower on a 2-core machine."""
   classes = sorted(d for d in os.listdir(root)
                    if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
-      for f in sorted(files):
-        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-          paths.append(os.path.join(dirpath, f))
-          labels.append(label)
+  per_class = [_class_images(os.path.join(root, c)) for c in classes]
+  paths = [p for files in per_class for p, _, _ in files]
+  labels = [label for label, files in enumerate(per_class) for _ in files]
+  if stats:
+    return classes, paths, labels, [st for files in per_class for _, *st in files]
   return classes, paths, labels
 
 
 @functools.lru_cache(maxsize=8)
 def scan(tree: str):
   """(classes, readable paths, labels) of one tree, checked once per process."""
-  classes, paths, labels = list_class_tree(tree)
-  return (classes, *drop_unreadable(paths, labels, tree))
+  classes, paths, labels, stats = list_class_tree(tree, stats=True)
+  return (classes, *drop_unreadable(paths, labels, tree, stats))
 
 
-MANIFEST = ".convstem_manifest.tsv"
+MANIFEST = ".convstem_manifest.json"
 
 
 def manifest_paths(tree: str) -> list[str]:
@@ -78,7 +101,7 @@ def manifest_paths(tree: str) -> list[str]:
   cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
   key = hashlib.sha256(os.path.abspath(tree).encode()).hexdigest()[:20]
   return [os.path.join(tree, MANIFEST),
-          os.path.join(cache, "convstem_jax", "folders", f"{key}.tsv")]
+          os.path.join(cache, "convstem_jax", "folders", f"{key}.json")]
 
 
 def read_manifest(tree: str) -> dict[str, tuple[int, int, bool]]:
@@ -86,9 +109,9 @@ def read_manifest(tree: str) -> dict[str, tuple[int, int, bool]]:
   for path in manifest_paths(tree):
     try:
       with open(path, encoding="utf-8") as f:
-        rows = [line.rstrip("\n").split("\t") for line in f]
-      return {r[0]: (int(r[1]), int(r[2]), r[3] == "1") for r in rows if len(r) == 4}
-    except (OSError, ValueError):
+        m = json.load(f)
+      return dict(zip(m["paths"], zip(m["size"], m["mtime_ns"], m["readable"])))
+    except (OSError, ValueError, KeyError, TypeError):
       continue
   return {}
 
@@ -96,9 +119,10 @@ def read_manifest(tree: str) -> dict[str, tuple[int, int, bool]]:
 def write_manifest(tree: str, entries: dict[str, tuple[int, int, bool]]) -> None:
   """Atomically (a temporary file renamed over the old one), so processes writing at
   once leave one whole manifest; a tree we cannot write to gets the cached one."""
-  text = "".join(f"{rel}\t{size}\t{mtime}\t{int(ok)}\n"
-                 for rel, (size, mtime, ok) in sorted(entries.items())
-                 if "\t" not in rel and "\n" not in rel)  # such names: checked each start
+  rels = sorted(entries)
+  text = json.dumps({"paths": rels, "size": [entries[r][0] for r in rels],
+                     "mtime_ns": [entries[r][1] for r in rels],
+                     "readable": [bool(entries[r][2]) for r in rels]})
   for path in manifest_paths(tree):
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -116,16 +140,12 @@ def write_manifest(tree: str, entries: dict[str, tuple[int, int, bool]]) -> None
                   "checks every image again.", tree)
 
 
-def drop_unreadable(paths, labels, where: str):
+def drop_unreadable(paths, labels, where: str, stats):
   """The paths (and labels) that decode, checking only files the manifest does not know
-  at their current size and modification time."""
-  def stat(chunk):  # in chunks: one thread task per file costs more than its stat
-    return [(st.st_size, st.st_mtime_ns) for st in map(os.stat, chunk)]
+  at their current (size, mtime_ns) `stats`."""
   prefix = len(os.path.join(where, ""))
   rels = [p[prefix:] for p in paths]  # paths are listed under `where`
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    chunks = [paths[i:i + 4096] for i in range(0, len(paths), 4096)]
-    stats = [st for part in pool.map(stat, chunks) for st in part]
     known = read_manifest(where)
     verdict = {}
     todo = []
