@@ -442,7 +442,8 @@ def test_repeated_augmentation_in_tfds_source(tmp_path):
     offset = flat[a] - flat[b]
     return np.abs(offset - offset.mean(0)).max() < 1e-3
 
-  # Groups: per epoch ceil(10 / 3) = 4 examples, 3 + 3 + 3 + 1 copies (epoch length 10).
+  # Groups: per epoch the first ceil(10 / 3) = 4 examples of its order, 3 + 3 + 3 + 1
+  # copies (epoch length 10).
   sizes = [3, 3, 3, 1] * 3
   starts = np.cumsum([0] + sizes[:-1])
   for start, size in zip(starts, sizes):
@@ -450,8 +451,8 @@ def test_repeated_augmentation_in_tfds_source(tmp_path):
       assert same_example(start, start + j)                   # a copy ...
       assert not np.array_equal(images[start], images[start + j])  # ... augmented anew
   firsts = list(starts)
-  for a in range(len(firsts)):
-    for b in range(a + 1, len(firsts)):
-      if b < n:  # the first 10 groups read the split once: all different examples
-        assert not same_example(firsts[a], firsts[b]), (a, b)
-  assert not same_example(firsts[3], firsts[4])        # across the epoch boundary too
+  for epoch in range(3):  # an epoch's 4 groups are 4 different examples (DeiT's sampler)
+    group = firsts[4 * epoch:4 * epoch + 4]
+    for a in range(4):
+      for b in range(a + 1, 4):
+        assert not same_example(group[a], group[b]), (epoch, a, b)
