@@ -125,9 +125,15 @@ def curves_figure(workdirs: Sequence[str], path, labels: Sequence[str] | None = 
   return _save(fig, path)
 
 
-def edf_figure(sweeps: Mapping[str, Sequence[float]], path, max_delta: float = 20.0) -> str:
+def edf_figure(sweeps: Mapping[str, Sequence[float]], path,
+               max_delta: float | None = None) -> str:
   """Xiao et al.'s Figures 3-4: per sweep, the fraction of all its trials (failed ones
-  included, never reached) whose top-1 error is within Δ points of the sweep's best."""
+  included, never reached) whose top-1 error is within Δ points of the sweep's best.
+  The Δ axis ends at `max_delta`, by default a point past the largest finite Δ (at
+  least 5)."""
+  spreads = [max(e for e in errors if np.isfinite(e)) - min(errors)
+             for errors in sweeps.values() if any(np.isfinite(e) for e in errors)]
+  max_delta = max_delta or max([5.0] + [s + 1.0 for s in spreads])
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, errors in sweeps.items():
     finite = np.sort([e for e in errors if np.isfinite(e)])
