@@ -44,8 +44,12 @@ def final_metric(workdir: epath.PathLike, metric: str = "auto") -> float | None:
   'auto' takes the EMA accuracy of the first eval split when the run logged one, else
   the raw accuracy (`<split>_ema/accuracy`, then `<split>/accuracy`).
   """
+  return _last_metric(metrics.read_records(workdir), metric)
+
+
+def _last_metric(rows: Sequence[dict], metric: str) -> float | None:
   value = None
-  for row in metrics.read_records(workdir):
+  for row in rows:
     key = metric if metric != "auto" else _auto_key(row)
     if key is not None and key in row:
       value = float(row[key])
@@ -79,14 +83,20 @@ def _trials(root: epath.Path) -> list[tuple[epath.Path, bool]]:
   return [(p, True) for p in sorted(root.iterdir()) if p.is_dir()]
 
 
+def _records(trial: epath.Path) -> list[dict]:
+  return metrics.read_records(trial) if trial.exists() else []
+
+
+def _error(rows: Sequence[dict], finished: bool, metric: str) -> float:
+  """Top-1 error in points; inf for an unfinished, never evaluated or diverged trial."""
+  acc = _last_metric(rows, metric) if finished else None
+  return 100.0 * (1.0 - acc) if acc is not None and math.isfinite(acc) else math.inf
+
+
 def sweep_errors(sweep_dir: epath.PathLike, metric: str = "auto") -> list[float]:
   """Top-1 error (in points) of every trial of a sweep (or of a single run)."""
-  errors = []
-  for trial, finished in _trials(epath.Path(sweep_dir)):
-    acc = final_metric(trial, metric) if finished and trial.exists() else None
-    ok = acc is not None and math.isfinite(acc)
-    errors.append(100.0 * (1.0 - acc) if ok else math.inf)
-  return errors
+  return [_error(_records(trial), finished, metric)
+          for trial, finished in _trials(epath.Path(sweep_dir))]
 
 
 class Sweep(NamedTuple):
@@ -111,14 +121,15 @@ def read_sweep(path: str, label: str = "", metric: str = "auto") -> Sweep:
     raise errors_lib.UserError(f"No trial directories under {path}; pass the directory "
                                "that holds one workdir per trial, or a run's workdir.")
   model = optimizer = None
-  steps = 0
-  for trial, _ in trials:
+  steps, errors = 0, []
+  for trial, finished in trials:
     if model is None and (trial / "config.json").exists():
       config = json.loads((trial / "config.json").read_text())
       model, optimizer = config.get("model_name"), config.get("optimizer")
-    rows = metrics.read_records(trial) if trial.exists() else []
+    rows = _records(trial)  # read once: the error and the length
+    errors.append(_error(rows, finished, metric))
     steps = max([steps] + [int(r["step"]) for r in rows])
-  return Sweep(label or root.name, sweep_errors(root, metric), model, optimizer, steps)
+  return Sweep(label or root.name, errors, model, optimizer, steps)
 
 
 def _cell(error: float) -> str:
