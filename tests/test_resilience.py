@@ -291,3 +291,27 @@ def test_a_tfds_run_preempted_mid_epoch_resumes_bitwise(tmp_path):
   assert 9 <= stopped < 24 and stopped % 4, str(child)  # not a periodic checkpoint step
   run_to_end(workdir, base=base)
   assert_bitwise_equal(saved(workdir, 24), saved(reference, 24))
+
+
+def test_a_signal_between_log_steps_is_honoured_within_a_few_steps(tmp_path):
+  """Between log steps the host queues steps ahead of the device. A signal must not wait
+  for the whole queue (up to the next log step: minutes for slow steps, longer than a
+  preemption's grace period): the saved step is at most a few steps past the last one the
+  device had finished when the signal came, estimated from the run's own step rate."""
+  # The scaled-ReLU stem at 64 px: seconds per step on a CPU, so steps are dispatched
+  # asynchronously (smaller steps ran in lockstep with the host and never showed this).
+  base = ("--config=configs/elpv.py:stem=srelu", "--config.total_steps=1000",
+          "--config.log_every_steps=1000", "--config.eval_every_steps=0",
+          "--config.checkpoint_every_steps=0")
+  workdir = tmp_path / "run"
+  child = Child(workdir, base=base)
+  child.wait_for(r"First step")
+  t_first = time.perf_counter()
+  time.sleep(8.0)  # the host queues steps while the device works through them
+  t_signal = time.perf_counter()
+  child.send(signal.SIGTERM)
+  assert child.finish() == PREEMPTED, str(child)
+  stopped = int(STOPPED.search(child.text())[1])
+  rate = read_metrics(workdir)[-1]["train/steps_per_sec"]
+  done = 1 + rate * (t_signal - t_first)  # steps the device had finished at the signal
+  assert stopped <= done * 1.2 + 5, f"{stopped} vs {done:.1f} done\n{child}"
