@@ -331,6 +331,7 @@ def test_dropout_and_drop_path_only_in_training():
     (dict(name="vit_b16", init_style="torch"), "Unknown init 'torch'"),
     (dict(name="vit_b16", colour=True), r"Unknown model override\(s\) \['colour'\]"),
     (dict(name="vit_s16", stem="conv_4gf", width=192), "ends at width 384"),
+    (dict(name="vitc_1gf", stem_weight_grad="fast"), "stem_weight_grad 'fast' is not one"),
 ])
 def test_bad_requests_fail_at_construction(kwargs, match):
   name = kwargs.pop("name")
@@ -343,3 +344,59 @@ def test_wrong_input_size_is_a_clear_error():
   variables, _ = init(model)
   with pytest.raises(ValueError, match="Expected NHWC images of 32x32"):
     model.apply(variables, jnp.zeros((1, 64, 64, 3)))
+
+
+@pytest.mark.parametrize("kernel, stride, pad, bias", [
+    (3, 2, 1, False), (3, 1, 1, False), (7, 2, 3, False), (4, 4, 0, True), (1, 1, 0, True)])
+def test_stem_conv_matches_flax_conv_and_its_tap_gradient_matches_xla(kernel, stride, pad,
+                                                                      bias):
+  """`stems.Conv` with XLA's gradient is flax's nn.Conv bit for bit (forward and every
+  gradient), so runs from before the switch repeat exactly; 'taps' changes only the
+  kernel gradient, and only by float rounding."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 17, 17, 16))
+  init = jax.nn.initializers.lecun_normal()
+  flax_conv = nn.Conv(8, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                      use_bias=bias, kernel_init=init)
+  convs = {how: stems.Conv(8, kernel, stride, pad, bias, init, how) for how in ("xla", "taps")}
+  variables = flax_conv.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(convs["taps"].init(jax.random.PRNGKey(0), x)) == \
+      jax.tree.structure(variables)
+
+  def grads(module):
+    loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)) * jnp.arange(8.0))
+    return module.apply(variables, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+
+  y_ref, (dv_ref, dx_ref) = grads(flax_conv)
+  y, (dv, dx) = grads(convs["xla"])
+  assert y.tobytes() == y_ref.tobytes() and dx.tobytes() == dx_ref.tobytes()
+  assert all(a.tobytes() == b.tobytes() for a, b in
+             zip(jax.tree.leaves(dv), jax.tree.leaves(dv_ref)))
+  y, (dv, dx) = grads(convs["taps"])
+  assert y.tobytes() == y_ref.tobytes() and dx.tobytes() == dx_ref.tobytes()
+  kernel_grad, ref = dv["params"]["kernel"], dv_ref["params"]["kernel"]
+  assert kernel_grad.tobytes() != ref.tobytes()  # really another computation
+  np.testing.assert_allclose(kernel_grad, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["vitc_1gf", "vit_ti16_srelu", "vitp_1gf"])
+def test_stem_weight_grad_switch_keeps_parameters_and_gradients(name):
+  """Every stem family: the same parameters at init, gradients within float rounding."""
+  models = {how: tiny(name, stem_weight_grad=how) for how in ("xla", "taps", "auto")}
+  out = {}
+  for how, model in models.items():
+    variables, x = init(model, batch=4, train=True)
+
+    def loss(params):
+      (logits, _), _ = model.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats"])
+      return jnp.sum(logits ** 2)
+
+    out[how] = variables, jax.jit(jax.grad(loss))(variables["params"])
+  for how in ("taps", "auto"):  # 'auto' is 'taps' on this CPU
+    assert jax.tree.all(jax.tree.map(lambda a, b: a.tobytes() == b.tobytes(),
+                                     out[how][0], out["xla"][0]))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[how][1]),
+                            jax.tree.leaves(out["xla"][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * np.abs(b).max(),
+                                 err_msg=jax.tree_util.keystr(path))
