@@ -75,6 +75,33 @@ def test_cli_prints_its_figures_on_cpu(capsys, tmp_path):
   assert saved["train"]["mfu"] is None
 
 
+def test_profile_names_where_the_step_time_goes(capsys):
+  """--profile traces the train step and attributes its ops to the stem, the blocks
+  (fwd and bwd, block indices folded) and the rest, from the ops' own names."""
+  flags = [f.replace("vit_ti16", "vitc_1gf").replace(",width=64,num_heads=2,mlp_dim=128",
+                                                    "") for f in TINY_FLAGS]
+  record = benchmark.main(flags + ["--profile", "2"])
+  out = capsys.readouterr().out
+  profile = record["train"]["extra"]["profile"]
+  assert all(ms >= 0 for ms in profile.values()) and sum(profile.values()) > 0
+  for key in ("stem: fwd stem/conv_0/conv_general_dilated",
+              "stem: bwd stem/conv_3/conv_general_dilated",
+              "blocks: fwd block_*/mlp/fc1/dot_general",
+              "blocks: bwd block_*/attn/qkv/dot_general"):
+    assert profile.get(key, 0) > 0, (key, sorted(profile))
+  assert not any("block_1" in k for k in profile)
+  (head,) = [l for l in out.splitlines() if l.startswith("profile:")]
+  assert "stem" in head and "blocks" in head
+
+
+def test_op_labels():
+  assert benchmark._op_label("jit(train_step)/transpose(jvp(ViT))/block_11/mlp/fc1/"
+                             "dot_general") == ("blocks", "bwd block_*/mlp/fc1/dot_general")
+  assert benchmark._op_label("jit(train_step)/jvp(ViT)/stem/norm_0/mul") == (
+      "stem", "fwd stem/norm_0/mul")
+  assert benchmark._op_label("jit(train_step)/add") == ("other", "step add")
+
+
 def test_benchmark_imports_neither_tensorflow_nor_torch():
   # Benchmark hosts may have no TensorFlow; torch is loaded only for --compare-timm.
   code = ("import sys; from convstem_jax.tools import benchmark; "

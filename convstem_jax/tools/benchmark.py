@@ -4,7 +4,8 @@ r"""Step throughput and MFU of the real train (and eval) step, optionally agains
         --dtype bfloat16 [--attention_impl cudnn] [--remat dots] [--scan_blocks] \
         [--img_size 224] [--num_classes 1000] [--warmup 5] [--steps 30] [--eval] \
         [--peak_tflops 989] [--compare-timm [--torch_compile on|off|auto]] \
-        [--override width=64,depth=2] [--set mu_dtype=bfloat16] [--json out.json]
+        [--override width=64,depth=2] [--set mu_dtype=bfloat16] [--profile 5]
+        [--json out.json]
 
 What it times: `train.make_train_step` jitted by `train.jit_train_step`, i.e. the step
 the trainer runs (donated state, batch split over every device, AdamW, label smoothing,
@@ -23,6 +24,10 @@ Figures:
                analytic multiply-adds (models/complexity.py): 2 FLOPs per multiply-add,
                x3 for a training step (forward + backward), x1 for eval. See `mfu`.
 
+`--profile N` traces N more train steps with jax.profiler and prints where the time goes:
+milliseconds per step by part (stem, blocks, the rest) and the top ops, each named after
+the JAX op it came from, forward or backward (`profile_ops`).
+
 `--compare-timm` builds timm's VisionTransformer for the same architecture (the named
 timm model for ViT-Ti/S/B/L; timm blocks with this model's conv / scaled-ReLU stem as a
 torch `HybridEmbed` backbone otherwise) and times its train step in PyTorch: bf16
@@ -39,6 +44,7 @@ import ast
 import dataclasses
 import functools
 import json
+import re
 import time
 from typing import Any, Callable
 
@@ -157,6 +163,80 @@ def _timed(compiled: Callable, args: tuple, carry: bool, warmup: int, steps: int
   raise AssertionError("unreachable")
 
 
+def _op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the JAX op it came from (its `op_name` metadata)."""
+  names = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"', hlo_text,
+                       re.MULTILINE):
+    names.setdefault(m[1], m[2])
+  return names
+
+
+def _op_label(op_name: str) -> tuple[str, str]:
+  """('stem' | 'blocks' | 'other', 'fwd|bwd|step <module path>/<op>') with block
+  indices folded together, e.g. ('blocks', 'bwd block_*/mlp/fc1/dot_general')."""
+  # fwd / bwd inside the gradient; 'step' outside it (optimizer, metrics).
+  direction = ("bwd" if "transpose(jvp(" in op_name else
+               "fwd" if "jvp(" in op_name else "step")
+  path = re.sub(r"^jit\([^)]*\)/", "", op_name)
+  path = re.sub(r"transpose\(jvp\(\w+\)\)/|jvp\(\w+\)/", "", path)
+  path = re.sub(r"block_\d+", "block_*", path)
+  part = ("stem" if path.startswith("stem/") else
+          "blocks" if path.startswith(("block_*/", "blocks/")) else "other")
+  return part, f"{direction} {path}"
+
+
+def profile_ops(compiled, args: tuple, steps: int) -> dict[tuple[str, str], float]:
+  """Milliseconds per step of each op of the compiled train step, from a jax.profiler
+  trace of `steps` calls: {(part, 'fwd|bwd op'): ms}. Ops are the executed HLO
+  instructions (fusions), named after the JAX op they came from."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  names = _op_names(compiled.as_text())
+  args = list(args)
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.block_until_ready(args)
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    for _ in range(steps):
+      args[0] = compiled(*args)[0]
+    jax.block_until_ready(args)
+    jax.profiler.stop_trace()
+    (trace,) = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(trace) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  table: dict[tuple[str, str], float] = {}
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    if name in names:
+      key = _op_label(names[name])
+    elif re.fullmatch(r"[a-z][\w\-]*\.\d+", name):  # an HLO instruction without a source
+      key = ("other", f"step {name.rsplit('.', 1)[0]} (no JAX op)")
+    else:
+      continue  # runtime and Python frames, not ops
+    table[key] = table.get(key, 0.0) + e["dur"] / 1e3 / steps
+  return table
+
+
+def print_profile(profile: dict[str, float], step_s: float, top: int = 25) -> None:
+  """Prints extra['profile'] ({'part: fwd|bwd op': ms}): the parts, then the top ops."""
+  table = {tuple(k.split(": ", 1)): ms for k, ms in profile.items()}
+  total = sum(table.values())
+  parts: dict[str, float] = {}
+  for (part, _), ms in table.items():
+    parts[part] = parts.get(part, 0.0) + ms
+  print(f"profile: {total:.1f} ms of ops per step ({1e3 * step_s:.1f} ms wall; ops on "
+        "several threads add up): " + ", ".join(
+            f"{p} {ms:.1f} ms ({100 * ms / total:.0f}%)" for p, ms in
+            sorted(parts.items(), key=lambda kv: -kv[1])))
+  for (part, op), ms in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"  {ms:8.2f} ms  {100 * ms / total:4.1f}%  {part:6s} {op}")
+
+
 def benchmark_config(model_name: str, batch_size: int, num_classes: int, img_size: int,
                      model_overrides: dict, config_overrides: dict):
   """The trainer config the benchmark step is built from: the base config (AdamW, label
@@ -176,8 +256,9 @@ def benchmark_config(model_name: str, batch_size: int, num_classes: int, img_siz
 
 
 def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float | None,
-             macs: float) -> dict[str, Timing]:
-  """Times the trainer's jitted train step (and the evaluator's step) on `config`."""
+             macs: float, profile: int = 0) -> dict[str, Timing]:
+  """Times the trainer's jitted train step (and the evaluator's step) on `config`; with
+  `profile` > 0 also the train step's ops over that many steps (extra['profile'])."""
   import jax  # pylint: disable=g-import-not-at-top
   from convstem_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from convstem_jax import sharding as shd  # pylint: disable=g-import-not-at-top
@@ -208,6 +289,9 @@ def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float
   results = {"train": Timing(ips, seconds / steps, compile_s, peak_device_bytes(),
                              mfu(macs, ips, peak_tflops, train=True),
                              {"loss": float(metrics["train/loss"])})}
+  if profile:
+    table = profile_ops(compiled, (state, batch), profile)
+    results["train"].extra["profile"] = {f"{p}: {op}": ms for (p, op), ms in table.items()}
   if eval_too:
     eval_batch = {**batch, "mask": shd.global_batch(
         {"mask": np.ones(local_bs, np.float32)}, mesh)["mask"]}
@@ -401,6 +485,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  action="store_true", help="also time timm's model in PyTorch")
   p.add_argument("--torch_compile", default="auto", choices=("auto", "on", "off"),
                  help="torch.compile for --compare-timm (auto: on for CUDA only)")
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="also trace N train steps and print where the time goes, by op")
   p.add_argument("--json", default="", help="also write the figures to this JSON file")
   return p.parse_args(argv)
 
@@ -444,9 +530,11 @@ def main(argv=None) -> dict:
         + (f"{per_device:g} TFLOP/s per device"
            + (" (--peak_tflops)" if args.peak_tflops else " (table)")
            if per_device else "unknown, MFU n/a (pass --peak_tflops)"))
-  results = time_jax(config, args.warmup, args.steps, args.eval, peak, macs)
+  results = time_jax(config, args.warmup, args.steps, args.eval, peak, macs, args.profile)
   for what, t in results.items():
     print(t.line(f"jax {what}"))
+  if args.profile:
+    print_profile(results["train"].extra["profile"], results["train"].step_s)
   record = {"model": args.model, "batch_size": args.batch_size, "dtype": args.dtype,
             "attention_impl": args.attention_impl, "remat": args.remat,
             "scan_blocks": args.scan_blocks, "img_size": model.img_size,
