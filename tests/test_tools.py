@@ -11,11 +11,38 @@ from convstem_jax.tools import stability
 
 
 def test_bench_input_prints_per_core_rate_last(capsys):
-  bench_input.main(["--images", "4", "--seconds", "0.5"])
+  bench_input.main(["--images", "4", "--seconds", "0.5", "--no_pil"])
   lines = capsys.readouterr().out.strip().splitlines()
   assert re.fullmatch(r"\d+\.\d images/s per core", lines[-1]), lines
   assert float(lines[-1].split()[0]) > 0
   assert "4 JPEGs" in lines[0]
+
+
+def test_bench_input_compares_with_the_pil_reference(capsys):
+  import importlib.util
+  if importlib.util.find_spec("timm") is None:  # (importing timm whole needs torchvision)
+    pytest.skip("timm is not installed: the PIL reference uses timm's RandAugment ops")
+  bench_input.main(["--images", "4", "--seconds", "0.5"])
+  out = capsys.readouterr().out
+  ours = float(re.search(r"^([\d.]+) images/s per core$", out, re.M)[1])
+  pil = float(re.search(r"^PIL reference .*: ([\d.]+) images/s per core$", out, re.M)[1])
+  ratio = float(re.search(r"^ours / PIL per core: ([\d.]+)$", out, re.M)[1])
+  assert ours > 0 and pil > 0
+  assert ratio == pytest.approx(ours / pil, abs=0.01, rel=0.01)
+
+
+def test_pil_reference_crops_like_torchvision():
+  import numpy as np
+  rng = np.random.default_rng(0)
+  fractions = []
+  for _ in range(500):
+    left, top, w, h = bench_input._crop_box(rng, 400, 300)
+    assert 0 <= left and left + w <= 400 and 0 <= top and top + h <= 300
+    fractions.append(w * h / (400 * 300))
+    assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1 or (w, h) == (300, 300)
+  assert min(fractions) >= 0.08 * 0.9 and max(fractions) <= 1.0
+  assert 0.4 < np.mean(fractions) < 0.65  # uniform area in [0.08, 1], less the misses
+  assert bench_input._crop_box(rng, 1000, 10) == (495, 0, 10, 10)  # no fit: centre crop
 
 
 def test_generated_jpegs_have_imagenet_like_sizes():
