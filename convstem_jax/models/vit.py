@@ -219,7 +219,8 @@ class ViT(nn.Module):
   scan_blocks: bool = False       # one nn.scan over the identical blocks
   remat: str = "none"             # block rematerialisation policy, see REMAT_POLICIES
   # How the stem convs' kernel gradient is computed: 'xla' | 'taps' (one matmul per
-  # kernel tap; 1.3-3x faster steps on CPU) | 'auto' (taps on CPU only); same
+  # kernel tap; on CPU 3x faster steps for the scaled-ReLU stem, none for Xiao's
+  # small convs; docs/benchmarks.md) | 'auto' (taps on CPU only); same
   # parameters, same gradients up to float rounding (stems.py docstring). 'xla' by
   # default so that runs measured before the switch existed repeat bit for bit.
   stem_weight_grad: str = "xla"
