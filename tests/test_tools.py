@@ -143,3 +143,8 @@ def test_plot_draws_runs_and_sweeps_and_refuses_empty_dirs(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   with pytest.raises(SystemExit, match="error: .*empty has no metrics.jsonl"):
     plot.main([str(tmp_path / "empty"), f"--out={tmp_path / 'd.png'}"])
+
+
+def test_bench_input_trainer_rate_runs_the_real_trainer():
+  jpegs = bench_input.make_jpegs(80)  # 70 training images: one batch of 64
+  assert bench_input.trainer_rate(jpegs, "inception_crop(224)|flip_lr|normalize", steps=4) > 0

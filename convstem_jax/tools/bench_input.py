@@ -161,7 +161,7 @@ def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30) -> float:
     c.model_name = "vit_ti16"
     c.model.update(width=64, num_heads=2, mlp_dim=128, depth=1)
     c.batch_size = c.eval_batch_size = 64
-    c.total_steps, c.log_every_steps = steps, steps // 2
+    c.total_steps, c.total_epochs, c.log_every_steps = steps, 0.0, steps // 2
     c.checkpoint_every_steps, c.eval_every_epochs = 0, 0.0
     workdir = os.path.join(tmp, "work")
     train.train_and_evaluate(c, workdir)
