@@ -311,18 +311,15 @@ def test_repeated_augmentation_in_file_sources(tmp_path):
 # ------------------------------------------------------------------ AutoAugment
 
 def _timm_auto_augment():
-  """timm's auto_augment.py as a standalone module (it needs only PIL, not torch), with
-  its `random` replaced so every step applies and signed arguments stay positive."""
+  """timm's auto_augment.py as a standalone module (bench_input's loader: PIL only, not
+  torch), with its `random` replaced so every step applies and signed arguments stay
+  positive."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.find_spec("timm")
-  if spec is None or not spec.origin:
+  from convstem_jax.tools import bench_input  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("timm") is None:
     pytest.skip("timm is not installed")
-  path = os.path.join(os.path.dirname(spec.origin), "data", "auto_augment.py")
-  module_spec = importlib.util.spec_from_file_location("_timm_auto_augment", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = bench_input.timm_auto_augment()
   module.random = types.SimpleNamespace(random=lambda: 0.0, gauss=lambda m, s: m,
                                         uniform=lambda a, b: b, choice=lambda s: s[0])
   return module

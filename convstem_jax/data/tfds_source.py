@@ -16,8 +16,9 @@ slice) - and augmentation is seeded by the example's position in the stream. So
 records before it (raw records, read but not decoded or augmented): a resumed run sees
 exactly the batches of the uninterrupted one. Resuming costs reading at most one epoch of
 this process's slice (for ImageNet, one pass over its training records split over the
-processes, read in parallel; not timed here). With another process count the slices differ: the run continues on a stream as
-deterministic, but not the same one (the partial epoch may repeat or miss examples).
+processes, read in parallel; not timed here). With another process count the slices
+differ: the run continues on a stream as deterministic, but not the same one (the
+partial epoch may repeat or miss examples).
 Datasets stored in another format than TFRecord, and tfds.testing.mock_data, keep
 one fixed read order that the per-epoch buffer shuffles.
 

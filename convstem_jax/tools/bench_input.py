@@ -71,7 +71,7 @@ def pipeline_rate(jpegs: list[bytes], pp_spec: str, seconds: float, batch: int =
   return count / (time.perf_counter() - t0)
 
 
-def _timm_auto_augment():
+def timm_auto_augment():
   """timm's data/auto_augment.py on its own: it needs PIL only, not torch/torchvision."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.find_spec("timm")
@@ -116,10 +116,11 @@ def pil_rate(jpegs: list[bytes], seconds: float, size: int = 224,
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
-  timm_aa = _timm_auto_augment()
+  timm_aa = timm_auto_augment()
   randaug = timm_aa.rand_augment_transform(
-      "rand-m9-n2-mstd0.5-inc1", {"translate_const": int(size * 0.45),
-                             "img_mean": tuple(round(255 * m) for m in pp.IMAGENET_MEAN)})
+      "rand-m9-n2-mstd0.5-inc1",
+      {"translate_const": int(size * 0.45),
+       "img_mean": tuple(round(255 * m) for m in pp.IMAGENET_MEAN)})
   mean = np.asarray(pp.IMAGENET_MEAN, np.float32)
   std = np.asarray(pp.IMAGENET_STD, np.float32)
   rng = np.random.default_rng(0)

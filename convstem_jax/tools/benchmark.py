@@ -186,9 +186,9 @@ def _op_label(op_name: str) -> tuple[str, str]:
   return part, f"{direction} {path}"
 
 
-def profile_ops(compiled, args: tuple, steps: int) -> dict[tuple[str, str], float]:
+def profile_ops(compiled, args: tuple, steps: int) -> dict[str, float]:
   """Milliseconds per step of each op of the compiled train step, from a jax.profiler
-  trace of `steps` calls: {(part, 'fwd|bwd op'): ms}. Ops are the executed HLO
+  trace of `steps` calls: {'part: fwd|bwd|step op': ms}. Ops are the executed HLO
   instructions (fusions), named after the JAX op they came from."""
   import glob  # pylint: disable=g-import-not-at-top
   import gzip  # pylint: disable=g-import-not-at-top
@@ -207,15 +207,15 @@ def profile_ops(compiled, args: tuple, steps: int) -> dict[tuple[str, str], floa
     with gzip.open(trace) as f:
       events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
-  table: dict[tuple[str, str], float] = {}
+  table: dict[str, float] = {}
   for e in events:
     name = e.get("name", "")
     if e.get("ph") != "X" or "dur" not in e:
       continue
     if name in names:
-      key = _op_label(names[name])
+      key = ": ".join(_op_label(names[name]))
     elif re.fullmatch(r"[a-z][\w\-]*\.\d+", name):  # an HLO instruction without a source
-      key = ("other", f"step {name.rsplit('.', 1)[0]} (no JAX op)")
+      key = f"other: step {name.rsplit('.', 1)[0]} (no JAX op)"
     else:
       continue  # runtime and Python frames, not ops
     table[key] = table.get(key, 0.0) + e["dur"] / 1e3 / steps
@@ -223,7 +223,7 @@ def profile_ops(compiled, args: tuple, steps: int) -> dict[tuple[str, str], floa
 
 
 def print_profile(profile: dict[str, float], step_s: float, top: int = 25) -> None:
-  """Prints extra['profile'] ({'part: fwd|bwd op': ms}): the parts, then the top ops."""
+  """Prints `profile_ops`'s table: the parts, then the top ops."""
   table = {tuple(k.split(": ", 1)): ms for k, ms in profile.items()}
   total = sum(table.values())
   parts: dict[str, float] = {}
@@ -290,8 +290,7 @@ def time_jax(config, warmup: int, steps: int, eval_too: bool, peak_tflops: float
                              mfu(macs, ips, peak_tflops, train=True),
                              {"loss": float(metrics["train/loss"])})}
   if profile:
-    table = profile_ops(compiled, (state, batch), profile)
-    results["train"].extra["profile"] = {f"{p}: {op}": ms for (p, op), ms in table.items()}
+    results["train"].extra["profile"] = profile_ops(compiled, (state, batch), profile)
   if eval_too:
     eval_batch = {**batch, "mask": shd.global_batch(
         {"mask": np.ones(local_bs, np.float32)}, mesh)["mask"]}
