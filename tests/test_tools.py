@@ -10,12 +10,20 @@ from convstem_jax.tools import bench_input
 from convstem_jax.tools import stability
 
 
-def test_bench_input_prints_per_core_rate_last(capsys):
+_OURS = r"^  ours: ([\d.]+) images/s on (\d+) cores, ([\d.]+) per core$"
+
+
+def test_bench_input_times_the_train_and_eval_streams(capsys):
   bench_input.main(["--images", "4", "--seconds", "0.5", "--no_pil"])
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert re.fullmatch(r"\d+\.\d images/s per core", lines[-1]), lines
-  assert float(lines[-1].split()[0]) > 0
-  assert "4 JPEGs" in lines[0]
+  out = capsys.readouterr().out
+  assert "4 JPEGs" in out.splitlines()[0]
+  assert re.search(r"^train: .*random_erasing", out, re.M)
+  assert re.search(r"^eval: decode\|resize_small", out, re.M)
+  rates = re.findall(_OURS, out, re.M)
+  assert len(rates) == 2, out
+  for total, n, per_core in rates:
+    assert float(total) > 0
+    assert float(per_core) == pytest.approx(float(total) / int(n), abs=0.1)
 
 
 def test_bench_input_compares_with_the_pil_reference(capsys):
@@ -24,11 +32,21 @@ def test_bench_input_compares_with_the_pil_reference(capsys):
     pytest.skip("timm is not installed: the PIL reference uses timm's RandAugment ops")
   bench_input.main(["--images", "4", "--seconds", "0.5"])
   out = capsys.readouterr().out
-  ours = float(re.search(r"^([\d.]+) images/s per core$", out, re.M)[1])
-  pil = float(re.search(r"^PIL reference .*: ([\d.]+) images/s per core$", out, re.M)[1])
-  ratio = float(re.search(r"^ours / PIL per core: ([\d.]+)$", out, re.M)[1])
-  assert ours > 0 and pil > 0
-  assert ratio == pytest.approx(ours / pil, abs=0.01, rel=0.01)
+  ours = [float(m[2]) for m in re.findall(_OURS, out, re.M)]
+  pil = [float(m) for m in re.findall(r"^  PIL reference .*: ([\d.]+) images/s per core$",
+                                      out, re.M)]
+  ratio = [float(m) for m in re.findall(r"^  ours / PIL per core: ([\d.]+)$", out, re.M)]
+  assert len(ours) == len(pil) == len(ratio) == 2, out
+  for o, p, r in zip(ours, pil, ratio):
+    assert o > 0 and p > 0
+    assert r == pytest.approx(o / p, abs=0.01, rel=0.01)
+
+
+def test_bench_input_counts_real_images_not_eval_padding():
+  import numpy as np
+  assert bench_input.real_images({"image": np.zeros((4, 2)),
+                                  "mask": np.array([1, 1, 0, 0], np.float32)}) == 2
+  assert bench_input.real_images({"image": np.zeros((4, 2))}) == 4
 
 
 def test_pil_reference_crops_like_torchvision():

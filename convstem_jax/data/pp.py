@@ -313,12 +313,13 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0) -> Op:
 @register("normalize")
 def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Op:
   """(x / 255 - mean) / std, with mean and std in [0, 1] units (timm's convention)."""
-  mean = tf.constant(mean, tf.float32)
-  std = tf.constant(std, tf.float32)
+  from convstem_jax.data import randaug as ra  # pylint: disable=g-import-not-at-top
 
   def op(f, seed):
     del seed
-    f["image"] = (tf.cast(f["image"], tf.float32) / 255.0 - mean) / std
+    x = tf.cast(f["image"], tf.float32)
+    # Same-shape operands: broadcasting [3] over the image is 7x slower on CPU.
+    f["image"] = (x / 255.0 - ra.per_channel(mean, x)) / ra.per_channel(std, x)
     return f
   return op
 
@@ -344,13 +345,15 @@ def pca_lighting(alpha_std: float = 0.1, scale: float = 255.0,
   `normalize` / `value_range`, or 1 for images already in [0, 1]. Output float32,
   not clipped (as pycls).
   """
+  from convstem_jax.data import randaug as ra  # pylint: disable=g-import-not-at-top
   eigval = tf.constant(eigval, tf.float32)
   eigvec = tf.constant(eigvec, tf.float32)
 
   def op(f, seed):
     alpha = tf.random.stateless_normal([3], seed, stddev=alpha_std)
     rgb = tf.linalg.matvec(eigvec, alpha * eigval) * scale
-    f["image"] = tf.cast(f["image"], tf.float32) + rgb
+    x = tf.cast(f["image"], tf.float32)
+    f["image"] = x + ra.per_channel(rgb, x)   # same-shape: broadcasting is slow on CPU
     return f
   return op
 
@@ -414,8 +417,10 @@ def random_erasing(prob: float = 0.25, area_min: float = 0.02, area_max: float =
       else:
         noise = tf.zeros(tf.stack([h, w, shape[2]]))
       pad = [[top, shape[0] - top - h], [left, shape[1] - left - w], [0, 0]]
-      inside = tf.pad(tf.ones(tf.stack([h, w, 1]), tf.bool), pad)
-      return tf.where(inside, tf.pad(noise, pad), image)
+      # image * 0 + noise inside the box, image * 1 + 0 outside: exact, and same-shape
+      # ops (tf.where and broadcasting are several times slower on CPU).
+      outside = tf.pad(tf.zeros(tf.stack([h, w, shape[2]])), pad, constant_values=1.0)
+      return image * outside + tf.pad(noise, pad)
 
     out = tf.cond(h > 0, erase, lambda: image)
     out.set_shape(image.shape)

@@ -1,24 +1,31 @@
-r"""Input pipeline throughput: the ImageNet training preprocessing on generated JPEGs,
-against a PyTorch-style PIL loop on the same JPEGs.
+r"""Input pipeline throughput: our ImageNet training and eval preprocessing on generated
+JPEGs, against a PyTorch-style PIL loop on the same JPEGs, side by side in one run.
 
     python -m convstem_jax.tools.bench_input [--images 512] [--seconds 20] \
-        [--pp "inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize"] [--trainer] \
-        [--no_pil]
+        [--pp "inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize|random_erasing(0.25)"] \
+        [--pp_eval "decode|resize_small(256)|central_crop(224)|normalize"] \
+        [--trainer] [--no_pil]
 
 Generates JPEGs of ImageNet-like sizes (sides 300-500 px, quality 90, smooth content so
-they compress like photos), runs them through tf.data with the given pipeline (JPEG
-decode fused with the random-resized crop, flip, RandAugment, normalisation), discards a
-warm-up, and prints images/s and `<N> images/s per core`. `--trainer` also runs the real
-trainer on those images (an image folder, a tiny ViT) and prints its end-to-end
+they compress like photos) and writes them as an image folder. Ours is the trainer's own
+input: the folder source's `train_batches` (JPEG decode fused with the random-resized
+crop, flip, RandAugment, normalisation, random erasing; the trainer's tf.data options,
+deterministic order) and `eval_batches`, batches of 64, timed after a warm-up; it
+prints images/s on all the cores this process may use and per core. `--trainer` also
+runs the real trainer on that folder with a tiny ViT and prints its end-to-end
 images/s, which includes the model step.
 
-The PIL reference (skip it with `--no_pil`) is what one PyTorch DataLoader worker does
-for the default pipeline, one image at a time in this process (one core): PIL decode,
+The PIL reference (skip it with `--no_pil`) is what one PyTorch DataLoader worker does,
+one image at a time in this process (one core). Train, for the default --pp: PIL decode,
 torchvision's RandomResizedCrop sampling (scale 0.08-1, ratio 3/4-4/3, 10 tries, then a
 centre crop) with a bilinear resize to 224, a horizontal flip with probability 0.5,
 timm's RandAugment 'rand-m9-n2-mstd0.5-inc1' (timm's own PIL ops, from timm's
-data/auto_augment.py; needs timm: pip install -e ".[parity]"), then float32 in [0, 1]
-and the ImageNet mean/std. It prints its images/s per core and the ratio of ours to it.
+data/auto_augment.py), float32 in [0, 1] and the ImageNet mean/std, then timm's
+RandomErasing (probability 0.25, mode 'pixel', on the CHW tensor as timm's loader does
+without its GPU prefetcher). Eval, for the default --pp_eval: PIL decode,
+torchvision's Resize(256) (bilinear, shorter side) and CenterCrop(224), normalise. Both
+need timm and torch: pip install -e ".[parity]". It prints the reference's images/s per
+core and the ratio of ours to it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ import time
 
 import numpy as np
 
-DEFAULT_PP = "inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize"
+DEFAULT_PP = "inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize|random_erasing(0.25)"
+DEFAULT_PP_EVAL = "decode|resize_small(256)|central_crop(224)|normalize"
+BATCH = 64
+EVAL_PASS = 4096  # eval images per pass (the JPEGs repeated): 64 batches
 
 
 def cores() -> int:
@@ -52,23 +62,62 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
   return out
 
 
-def pipeline_rate(jpegs: list[bytes], pp_spec: str, seconds: float, batch: int = 64,
-                  warmup_batches: int = 4) -> float:
-  """Images/s of tf.data running `pp_spec` over `jpegs` (repeated), after a warm-up."""
-  from convstem_jax.data import files, pp  # pylint: disable=g-import-not-at-top
-  tf = files.import_tf()
-  fn = pp.build(pp_spec)
-  data = tf.data.Dataset.from_tensor_slices(jpegs).repeat()
-  ds = tf.data.Dataset.zip(tf.data.Dataset.range(2 ** 62), data).map(
-      lambda i, b: fn({"image": b, "label": 0}, tf.stack([tf.constant(0, tf.int64), i])),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-  it = iter(ds.batch(batch).prefetch(4).as_numpy_iterator())
+def write_folder(root: str, jpegs: list[bytes], test_every: int = 1,
+                 test_copies: int = 1) -> None:
+  """`jpegs` as an image folder of two classes: every image in train/, and every
+  `test_every`-th in test/, `test_copies` times (hard links), so that one eval pass is
+  long enough to time without restarting its stream every few batches."""
+  for i, data in enumerate(jpegs):
+    d = os.path.join(root, "train", f"c{i % 2}")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{i}.jpg")
+    with open(path, "wb") as f:
+      f.write(data)
+    if i % test_every == 0:
+      d = os.path.join(root, "test", f"c{i % 2}")
+      os.makedirs(d, exist_ok=True)
+      for k in range(test_copies):
+        os.link(path, os.path.join(d, f"{i}_{k}.jpg"))
+
+
+def folder_config(root: str, pp_train: str, pp_eval: str):
+  from convstem_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.dataset, c.data_dir = "folder", root
+  c.eval_splits, c.num_classes, c.image_size = ("test",), 2, 224
+  c.pp_train, c.pp_eval = pp_train, pp_eval
+  c.batch_size = c.eval_batch_size = BATCH
+  return c
+
+
+def real_images(batch) -> int:
+  """The images of a batch, less eval padding (mask 0)."""
+  return int(np.sum(batch["mask"])) if "mask" in batch else len(batch["image"])
+
+
+def _rate(batches, seconds: float, warmup_batches: int) -> float:
+  """Images/s of an iterator of batches over `seconds`, after `warmup_batches`."""
   for _ in range(warmup_batches):
-    next(it)
+    next(batches)
   count, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
-    count += len(next(it)["image"])
+    count += real_images(next(batches))
   return count / (time.perf_counter() - t0)
+
+
+def pipeline_rates(root: str, pp_train: str, pp_eval: str, seconds: float,
+                   warmup_batches: int = 4) -> tuple[float, float]:
+  """(train, eval) images/s of the folder source at `root`: the trainer's streams."""
+  from convstem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = folder_config(root, pp_train, pp_eval)
+  train = _rate(data_lib.get_source(c, "train").train_batches(BATCH), seconds,
+                warmup_batches)
+  source = data_lib.get_source(c, "test")
+
+  def eval_forever():  # one pass is the whole split; time as many passes as fit
+    while True:
+      yield from source.eval_batches(BATCH)
+  return train, _rate(eval_forever(), seconds, warmup_batches)
 
 
 def timm_auto_augment():
@@ -109,14 +158,38 @@ def _crop_box(rng, width: int, height: int) -> tuple[int, int, int, int]:
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def pil_rate(jpegs: list[bytes], seconds: float, size: int = 224,
-             warmup_images: int = 32) -> float:
-  """Images/s of the PIL reference (module docstring) in this process, one image at a
-  time, after a warm-up."""
+def _timm_random_erasing():
+  """timm's data/random_erasing.py on its own (it needs torch, not torchvision)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("timm")
+  path = os.path.join(os.path.dirname(spec.origin), "data", "random_erasing.py")
+  module_spec = importlib.util.spec_from_file_location("_timm_random_erasing", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def _timed(one, jpegs: list[bytes], seconds: float, warmup_images: int = 32) -> float:
+  for i in range(warmup_images):
+    one(jpegs[i % len(jpegs)])
+  count, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    one(jpegs[count % len(jpegs)])
+    count += 1
+  return count / (time.perf_counter() - t0)
+
+
+def pil_rates(jpegs: list[bytes], seconds: float, size: int = 224,
+              eval_resize: int = 256) -> tuple[float, float]:
+  """(train, eval) images/s of the PIL reference (module docstring) in this process,
+  one image at a time, after a warm-up."""
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
   timm_aa = timm_auto_augment()
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1)  # one DataLoader worker: one core
+  erasing = _timm_random_erasing().RandomErasing(0.25, mode="pixel", device="cpu")
   randaug = timm_aa.rand_augment_transform(
       "rand-m9-n2-mstd0.5-inc1",
       {"translate_const": int(size * 0.45),
@@ -125,43 +198,45 @@ def pil_rate(jpegs: list[bytes], seconds: float, size: int = 224,
   std = np.asarray(pp.IMAGENET_STD, np.float32)
   rng = np.random.default_rng(0)
 
-  def one(data: bytes) -> np.ndarray:
+  def normalise(image) -> np.ndarray:
+    return (np.asarray(image, np.float32) / 255.0 - mean) / std
+
+  def train(data: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     left, top, w, h = _crop_box(rng, *image.size)
     image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < 0.5:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
     image = randaug(image)
-    return (np.asarray(image, np.float32) / 255.0 - mean) / std
+    out = erasing(torch.from_numpy(normalise(image).transpose(2, 0, 1)))
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    return out
 
-  for i in range(warmup_images):
-    one(jpegs[i % len(jpegs)])
-  count, t0 = 0, time.perf_counter()
-  while time.perf_counter() - t0 < seconds:
-    out = one(jpegs[count % len(jpegs)])
-    count += 1
-  assert out.shape == (size, size, 3) and out.dtype == np.float32
-  return count / (time.perf_counter() - t0)
+  def evaluate(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size  # torchvision Resize(int): the shorter side to eval_resize
+    short, long = (w, h) if w <= h else (h, w)
+    long = int(eval_resize * long / short)
+    image = image.resize((eval_resize, long) if w <= h else (long, eval_resize),
+                         Image.BILINEAR)
+    w, h = image.size  # torchvision CenterCrop
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    out = normalise(image.crop((left, top, left + size, top + size)))
+    assert out.shape == (size, size, 3)
+    return out
+
+  return _timed(train, jpegs, seconds), _timed(evaluate, jpegs, seconds)
 
 
 def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30) -> float:
   """End-to-end images/s of the trainer on an image folder of `jpegs`, tiny ViT."""
   import json  # pylint: disable=g-import-not-at-top
-  from convstem_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from convstem_jax import train  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
-    for i, data in enumerate(jpegs):
-      d = os.path.join(tmp, "data", "train" if i % 8 else "test", f"c{i % 2}")
-      os.makedirs(d, exist_ok=True)
-      with open(os.path.join(d, f"{i}.jpg"), "wb") as f:
-        f.write(data)
-    c = config_lib.base_config()
-    c.dataset, c.data_dir = "folder", os.path.join(tmp, "data")
-    c.eval_splits, c.num_classes, c.image_size = ("test",), 2, 224
-    c.pp_train, c.pp_eval = pp_spec, "decode|resize(224)|normalize"
+    write_folder(os.path.join(tmp, "data"), jpegs, test_every=8)
+    c = folder_config(os.path.join(tmp, "data"), pp_spec, "decode|resize(224)|normalize")
     c.model_name = "vit_ti16"
-    c.model.update(width=64, num_heads=2, mlp_dim=128, depth=1)
-    c.batch_size = c.eval_batch_size = 64
+    c.model.update(patch_size=32, width=16, num_heads=1, mlp_dim=32, depth=1)
     c.total_steps, c.total_epochs, c.log_every_steps = steps, 0.0, steps // 2
     c.checkpoint_every_steps, c.eval_every_epochs = 0, 0.0
     workdir = os.path.join(tmp, "work")
@@ -173,29 +248,37 @@ def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30) -> float:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, default=512, help="distinct JPEGs generated")
-  parser.add_argument("--seconds", type=float, default=20.0, help="timed window")
-  parser.add_argument("--pp", default=DEFAULT_PP, help="preprocessing ops")
+  parser.add_argument("--seconds", type=float, default=20.0, help="each timed window")
+  parser.add_argument("--pp", default=DEFAULT_PP, help="training preprocessing ops")
+  parser.add_argument("--pp_eval", default=DEFAULT_PP_EVAL, help="eval preprocessing ops")
   parser.add_argument("--trainer", action="store_true",
                       help="also time the trainer end to end with a tiny ViT")
   parser.add_argument("--no_pil", action="store_true",
                       help="skip the PIL reference (the PyTorch-style loop)")
   args = parser.parse_args(argv)
   jpegs = make_jpegs(args.images)
-  print(f"{len(jpegs)} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; "
-        f"pipeline: {args.pp}")
+  n = cores()
+  print(f"{len(jpegs)} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
+        f"in an image folder; {n} cores")
   if args.trainer:
-    print(f"trainer end to end (tiny ViT, batch 64): "
+    print(f"trainer end to end (tiny ViT, batch {BATCH}): "
           f"{trainer_rate(jpegs, args.pp):.1f} images/s")
-  rate = pipeline_rate(jpegs, args.pp, args.seconds)
-  print(f"pipeline: {rate:.1f} images/s on {cores()} cores")
-  print(f"{rate / cores():.1f} images/s per core")
+  with tempfile.TemporaryDirectory() as tmp:
+    write_folder(tmp, jpegs, test_copies=-(-EVAL_PASS // len(jpegs)))
+    ours = pipeline_rates(tmp, args.pp, args.pp_eval, args.seconds)
+  reference = None
   if not args.no_pil:
-    if args.pp != DEFAULT_PP:
-      print(f"note: the PIL reference runs the default pipeline ({DEFAULT_PP}), not --pp.")
-    reference = pil_rate(jpegs, args.seconds)
-    print(f"PIL reference (one process, one image at a time): {reference:.1f} images/s "
-          "per core")
-    print(f"ours / PIL per core: {rate / cores() / reference:.2f}")
+    for given, default in ((args.pp, DEFAULT_PP), (args.pp_eval, DEFAULT_PP_EVAL)):
+      if given != default:
+        print(f"note: the PIL reference runs the default pipeline ({default}), not {given}.")
+    reference = pil_rates(jpegs, args.seconds)
+  for i, (what, spec) in enumerate((("train", args.pp), ("eval", args.pp_eval))):
+    print(f"{what}: {spec}")
+    print(f"  ours: {ours[i]:.1f} images/s on {n} cores, {ours[i] / n:.1f} per core")
+    if reference:
+      print(f"  PIL reference (one process, one image at a time): {reference[i]:.1f} "
+            "images/s per core")
+      print(f"  ours / PIL per core: {ours[i] / n / reference[i]:.2f}")
 
 
 if __name__ == "__main__":
