@@ -30,8 +30,9 @@ independent TensorFlow implementation, not a port of timm's PIL code.
 Speed (tools/bench_input): on CPU, TensorFlow's broadcasting binary ops and `tf.where`
 run several times slower than same-shape and scalar ones (about 4 ns against 0.3 ns per
 element on one core), so the ops below spread per-channel values over the image once
-(`_per_channel`) and select with 0/1 masks. On the integer values every op keeps, these
-forms give exactly the same numbers as the plain ones (tested against PIL and timm).
+(`per_channel`) and select with 0/1 masks. On the integer values every op keeps, the
+pixel ops give exactly the numbers of the plain forms and the geometric ones the same
+up to float rounding (tests/test_augment.py holds them to PIL and timm).
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ def _u8(x):
 
 
 def per_channel(values, image):
-  """`values` ([3], per channel) at the image's full shape, so that the op using it is
+  """`values` (one per channel) at the image's full shape, so that the op using it is
   same-shape (fast) rather than broadcasting (slow on CPU). A constant when both are
-  static."""
+  static; when their lengths differ, the values as they are (broadcasting, as before)."""
+  n = int(values.shape[0]) if tf.is_tensor(values) else len(values)
+  if image.shape[-1] != n:
+    return tf.cast(values, image.dtype)
   if image.shape.is_fully_defined() and not tf.is_tensor(values):
     return tf.constant(np.broadcast_to(np.asarray(values, image.dtype.as_numpy_dtype),
                                        image.shape))
