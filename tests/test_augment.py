@@ -254,6 +254,33 @@ def test_randaug_every_sub_op_eagerly_and_in_tf_data():
       assert not np.array_equal(out, img.numpy()), ra.OP_NAMES[i]
 
 
+def test_ops_give_the_same_images_whatever_the_shape_known_at_trace_time():
+  """Per-channel values are spread over the image as a constant when its shape is
+  static and by tiling when it is not (randaug.per_channel); both give the same image.
+  Values of another length than the channels broadcast as plain TensorFlow would."""
+  from convstem_jax.data import pp, randaug as ra  # pylint: disable=g-import-not-at-top
+  tf = _tf()
+  img = np.random.default_rng(3).integers(0, 256, (16, 18, 3)).astype(np.float32)
+  unknown = [tf.TensorSpec([None, None, 3], tf.float32)]
+
+  def both(fn):
+    return (tf.function(fn)(tf.constant(img)).numpy(),
+            tf.function(fn, input_signature=unknown)(tf.constant(img)).numpy())
+
+  for i, name in enumerate(ra.OP_NAMES):
+    static, dynamic = both(
+        lambda x, i=i: ra.apply_op(tf.constant(i), x, tf.constant(0.7), tf.constant(-1.0)))
+    assert np.array_equal(static, dynamic), name
+  seed = tf.constant([1, 2], tf.int64)
+  for spec in ("normalize", "pca_lighting(0.5)"):
+    static, dynamic = both(lambda x, spec=spec: pp.build(spec)({"image": x}, seed)["image"])
+    np.testing.assert_allclose(static, dynamic, rtol=1e-6, atol=1e-6, err_msg=spec)
+  gray = img[..., :1].astype(np.uint8)
+  out = pp.build("normalize")({"image": tf.constant(gray)})["image"].numpy()
+  mean, std = np.asarray(pp.IMAGENET_MEAN), np.asarray(pp.IMAGENET_STD)
+  np.testing.assert_allclose(out, (gray / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
+
+
 def test_randaug_ops_match_pil():
   """Pixel ops equal PIL's; geometric ops agree away from the border (PIL does not blend
   edge pixels with the fill colour)."""

@@ -31,6 +31,7 @@ core and the ratio of ours to it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -95,14 +96,20 @@ def real_images(batch) -> int:
   return int(np.sum(batch["mask"])) if "mask" in batch else len(batch["image"])
 
 
-def _rate(batches, seconds: float, warmup_batches: int) -> float:
-  """Images/s of an iterator of batches over `seconds`, after `warmup_batches`."""
-  for _ in range(warmup_batches):
-    next(batches)
+def _per_second(step, seconds: float, warmup: int) -> float:
+  """Images/s of calling `step()` (it returns the images it made) for `seconds`, after
+  `warmup` untimed calls."""
+  for _ in range(warmup):
+    step()
   count, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
-    count += real_images(next(batches))
+    count += step()
   return count / (time.perf_counter() - t0)
+
+
+def _rate(batches, seconds: float, warmup_batches: int) -> float:
+  """Images/s of an iterator of batches."""
+  return _per_second(lambda: real_images(next(batches)), seconds, warmup_batches)
 
 
 def pipeline_rates(root: str, pp_train: str, pp_eval: str, seconds: float,
@@ -120,17 +127,24 @@ def pipeline_rates(root: str, pp_train: str, pp_eval: str, seconds: float,
   return train, _rate(eval_forever(), seconds, warmup_batches)
 
 
-def timm_auto_augment():
-  """timm's data/auto_augment.py on its own: it needs PIL only, not torch/torchvision."""
+def _timm_data_module(name: str):
+  """timm's data/<name>.py on its own, without importing timm whole (which needs
+  torchvision)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.find_spec("timm")
   if spec is None or not spec.origin:
-    raise SystemExit("error: the PIL reference uses timm's RandAugment; install it with "
-                     "pip install -e \".[parity]\", or pass --no_pil.")
-  path = os.path.join(os.path.dirname(spec.origin), "data", "auto_augment.py")
-  module_spec = importlib.util.spec_from_file_location("_timm_auto_augment", path)
+    raise SystemExit("error: the PIL reference uses timm's augmentations; install timm "
+                     "with pip install -e \".[parity]\", or pass --no_pil.")
+  path = os.path.join(os.path.dirname(spec.origin), "data", f"{name}.py")
+  module_spec = importlib.util.spec_from_file_location(f"_timm_{name}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def timm_auto_augment():
+  """timm's data/auto_augment.py (it needs PIL only, not torch/torchvision)."""
+  module = _timm_data_module("auto_augment")
   original = module.posterize
 
   def posterize(image, bits, **kwargs):
@@ -158,25 +172,14 @@ def _crop_box(rng, width: int, height: int) -> tuple[int, int, int, int]:
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _timm_random_erasing():
-  """timm's data/random_erasing.py on its own (it needs torch, not torchvision)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.find_spec("timm")
-  path = os.path.join(os.path.dirname(spec.origin), "data", "random_erasing.py")
-  module_spec = importlib.util.spec_from_file_location("_timm_random_erasing", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
-
-
 def _timed(one, jpegs: list[bytes], seconds: float, warmup_images: int = 32) -> float:
-  for i in range(warmup_images):
-    one(jpegs[i % len(jpegs)])
-  count, t0 = 0, time.perf_counter()
-  while time.perf_counter() - t0 < seconds:
-    one(jpegs[count % len(jpegs)])
-    count += 1
-  return count / (time.perf_counter() - t0)
+  """Images/s of `one(jpeg)` over the JPEGs in turn."""
+  cycle = itertools.cycle(jpegs)
+
+  def step() -> int:
+    one(next(cycle))
+    return 1
+  return _per_second(step, seconds, warmup_images)
 
 
 def pil_rates(jpegs: list[bytes], seconds: float, size: int = 224,
@@ -189,7 +192,7 @@ def pil_rates(jpegs: list[bytes], seconds: float, size: int = 224,
   timm_aa = timm_auto_augment()
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)  # one DataLoader worker: one core
-  erasing = _timm_random_erasing().RandomErasing(0.25, mode="pixel", device="cpu")
+  erasing = _timm_data_module("random_erasing").RandomErasing(0.25, mode="pixel", device="cpu")
   randaug = timm_aa.rand_augment_transform(
       "rand-m9-n2-mstd0.5-inc1",
       {"translate_const": int(size * 0.45),
@@ -201,7 +204,7 @@ def pil_rates(jpegs: list[bytes], seconds: float, size: int = 224,
   def normalise(image) -> np.ndarray:
     return (np.asarray(image, np.float32) / 255.0 - mean) / std
 
-  def train(data: bytes) -> np.ndarray:
+  def train(data: bytes):
     image = Image.open(io.BytesIO(data)).convert("RGB")
     left, top, w, h = _crop_box(rng, *image.size)
     image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
