@@ -318,7 +318,8 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Op:
   def op(f, seed):
     del seed
     x = tf.cast(f["image"], tf.float32)
-    # Same-shape operands: broadcasting [3] over the image is 7x slower on CPU.
+    # Same-shape operands: broadcasting [3] over the image was 7x slower on CPU
+    # (randaug.py's docstring).
     f["image"] = (x / 255.0 - ra.per_channel(mean, x)) / ra.per_channel(std, x)
     return f
   return op

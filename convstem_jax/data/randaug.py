@@ -28,8 +28,9 @@ Input: an image with values in [0, 255] (uint8, or float); output uint8. This is
 independent TensorFlow implementation, not a port of timm's PIL code.
 
 Speed (tools/bench_input): on CPU, TensorFlow's broadcasting binary ops and `tf.where`
-run several times slower than same-shape and scalar ones (about 4 ns against 0.3 ns per
-element on one core), so the ops below spread per-channel values over the image once
+run several times slower than same-shape and scalar ones (2-7 ns against 0.1-0.3 ns per
+element on one core of the 2-core AMD EPYC development VM, 2026-12-06;
+docs/benchmarks.md), so the ops below spread per-channel values over the image once
 (`per_channel`) and select with 0/1 masks. On the integer values every op keeps, the
 pixel ops give exactly the numbers of the plain forms and the geometric ones the same
 up to float rounding (tests/test_augment.py holds them to PIL and timm).
@@ -210,7 +211,7 @@ def shear_y(image, factor):
 def _translate(image, pixels, axis: int, fill=FILL):
   """affine() for a pure translation along `axis` (output x samples input x + pixels),
   as two shifted slices of the zero-padded image less the fill: the same bilinear
-  weights without the general transform op, which costs 4x more on CPU."""
+  weights without the general transform op, which costs 2-3x more on CPU (same VM)."""
   n = tf.shape(image)[axis]
   pixels = tf.clip_by_value(tf.cast(pixels, tf.float32), -tf.cast(n + 1, tf.float32),
                             tf.cast(n + 1, tf.float32))  # beyond that: all fill
