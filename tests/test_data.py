@@ -156,9 +156,62 @@ def test_resize_small_central_crop_and_values():
   assert run_both("gray_to_rgb", gray).shape == (4, 4, 3)
 
 
+def unfused(spec, features, seed):
+  """The ops of `spec` applied one by one, as build() did before it fused any."""
+  f, seed = dict(features), tf.constant(seed, tf.int64)
+  for i, (name, args, kwargs) in enumerate(pp.parse(spec)):
+    f = pp.OPS[name](*args, **kwargs)(f, tf.random.experimental.stateless_fold_in(seed, i))
+  return f["image"].numpy()
+
+
+@pytest.mark.parametrize("fmt,shape,size,crop", [
+    ("jpeg", (375, 500, 3), 256, 224),  # the ImageNet eval recipe on a typical photo
+    ("jpeg", (601, 333, 3), 73, (64, 41)),  # odd offsets, a non-square crop
+    ("png", (90, 47, 3), 40, 40),
+    ("jpeg", (30, 20, 3), 64, 60),  # upscaling
+    ("pixels", (123, 77, 1), 50, 33),  # already decoded, grayscale to 3 channels
+])
+def test_resize_small_central_crop_fused_as_the_three_ops(fmt, shape, size, crop):
+  img, enc = encoded("jpeg" if fmt == "jpeg" else "png", shape, seed=sum(shape))
+  image = tf.constant(img) if fmt == "pixels" else enc
+  spec = f"decode|resize_small({size})|central_crop({crop})|flip_lr"
+  assert len(pp._fused(pp.parse(spec))) == 2
+  flips = set()
+  for seed in [(0, s) for s in range(6)]:
+    ref = unfused(spec, {"image": image, "label": 0}, seed).astype(np.int32)
+    out = pp.build(spec)({"image": image, "label": 0}, tf.constant(seed, tf.int64))
+    out = np.rint(out["image"].numpy() * 255).astype(np.int32)
+    assert out.shape == ref.shape == (*pp._size2(crop), 3)
+    diff = np.abs(out - ref)
+    # float rounding in the sample positions moves a pixel by one level, rarely
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    # flip_lr keeps its seed (index 3 of the spec), so out flipped where ref did
+    flips.add(not np.array_equal(ref, unfused(spec.rsplit("|", 1)[0], {"image": image},
+                                              seed).astype(np.int32)))
+  assert flips == {True, False}  # both cases seen
+
+
+def test_resize_small_central_crop_not_fused_when_the_crop_is_wider():
+  assert len(pp._fused(pp.parse("decode|resize_small(20)|central_crop(24)"))) == 3
+  assert len(pp._fused(pp.parse("resize_small(20)|central_crop(16)"))) == 1
+
+
 def test_pipeline_must_decode():
   with pytest.raises(ValueError, match="start it with 'decode'"):
     pp.build("flip_lr")({"image": tf.constant(b"x"), "label": 0})
+
+
+def test_parallelism_fixed_per_core_unless_autotuned(monkeypatch):
+  from convstem_jax.data import files
+  monkeypatch.setattr(files, "cores", lambda: 5)
+  c = make_config()
+  assert files.parallelism(tf, c) == 5 and not files._options(tf, c).autotune.enabled
+  assert files._options(tf, c).threading.private_threadpool_size in (None, 0)
+  c.data_threads = 3
+  assert files.parallelism(tf, c) == 3
+  assert files._options(tf, c).threading.private_threadpool_size == 3
+  c.data_autotune = True
+  assert files.parallelism(tf, c) == tf.data.AUTOTUNE and files._options(tf, c).autotune.enabled
 
 
 # ------------------------------------------------------------------ ELPV

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 
 from convstem_jax.data import common
-from convstem_jax.data.files import (eval_batches_of, import_tf, pp_spec,
+from convstem_jax.data.files import (eval_batches_of, import_tf, parallelism, pp_spec,
                                      train_batches_of)
 from convstem_jax import config as config_lib
 from convstem_jax import errors
@@ -153,9 +153,9 @@ class TfdsSource:
       ds = order.interleave(
           lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
           cycle_length=min(16, len(files)), block_length=1,
-          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          num_parallel_calls=parallelism(tf, self.config), deterministic=True)
       ds = ds.map(lambda r: features.deserialize_example(r, decoders=decoders),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                  num_parallel_calls=parallelism(tf, self.config), deterministic=True)
     buffer = int(config_lib.get(self.config, "shuffle_buffer"))
     return ds.shuffle(max(1, min(buffer, self.local_examples())), seed=seed,
                       reshuffle_each_iteration=False)
@@ -194,7 +194,7 @@ class TfdsSource:
     ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, 2 ** 62), examples).map(
         lambda p, f: fn({"image": f["image"], "label": f["label"]},
                         tf.stack([tf.constant(aug_seed, tf.int64), p])),
-        num_parallel_calls=tf.data.AUTOTUNE)
+        num_parallel_calls=parallelism(tf, self.config))
     return train_batches_of(tf, ds, local_batch_size, self.config)
 
   def eval_batches(self, local_batch_size: int):
@@ -203,7 +203,7 @@ class TfdsSource:
     fn = pp.build(pp_spec(self.config, train=False))
     ds = self._dataset(shuffle=False).map(
         lambda f: fn({"image": f["image"], "label": f["label"]}, None),
-        num_parallel_calls=tf.data.AUTOTUNE)
+        num_parallel_calls=parallelism(tf, self.config))
     return eval_batches_of(tf, ds, local_batch_size, self.config,
                            common.eval_num_batches(self.num_examples, local_batch_size,
                                                    self.count))

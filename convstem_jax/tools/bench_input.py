@@ -44,10 +44,6 @@ BATCH = 64
 EVAL_PASS = 4096  # eval images per pass (the JPEGs repeated): 64 batches
 
 
-def cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
   """n JPEGs, sides 300-500 px: upsampled random colour fields plus fine noise."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -260,7 +256,8 @@ def main(argv=None) -> None:
                       help="skip the PIL reference (the PyTorch-style loop)")
   args = parser.parse_args(argv)
   jpegs = make_jpegs(args.images)
-  n = cores()
+  from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
+  n = files.cores()
   print(f"{len(jpegs)} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
         f"in an image folder; {n} cores")
   if args.trainer:
