@@ -245,8 +245,7 @@ def test_randaug_every_sub_op_eagerly_and_in_tf_data():
       lambda i: ra.apply_op(tf.cast(i, tf.int32), img, tf.constant(0.9), tf.constant(1.0)))
   for i, graph in enumerate(ds):
     eager = ra.apply_op(tf.constant(i), img, tf.constant(0.9), tf.constant(1.0))
-    np.testing.assert_allclose(eager.numpy(), graph.numpy(), atol=1e-4,
-                               err_msg=ra.OP_NAMES[i])
+    np.testing.assert_array_equal(eager.numpy(), graph.numpy(), err_msg=ra.OP_NAMES[i])
     out = eager.numpy()
     assert out.shape == (16, 18, 3) and out.min() >= 0 and out.max() <= 255
     assert np.array_equal(out, np.round(out))
@@ -317,6 +316,23 @@ def test_randaug_ops_match_pil():
   for mine, pil in geometric:
     d = diff(mine, pil)
     assert np.median(d) <= 1 and d.mean() < 1.5
+
+
+def test_shears_equal_the_general_affine_but_for_near_ties():
+  """shear_x / shear_y gather each row's / column's window (randaug._shift_lines) rather
+  than run TensorFlow's projective transform (randaug.affine): the same image but for
+  near-ties of .5, also where lines move wholly out of the image (all fill)."""
+  from convstem_jax.data import randaug as ra  # pylint: disable=g-import-not-at-top
+  tf = _tf()
+  x = tf.constant(np.random.default_rng(5).integers(0, 256, (48, 56, 3)), tf.float32)
+  for factor in (0.05, 0.2, -0.3, 0.29, 3.0, -7.0):
+    for mine, general in ((ra.shear_x(x, factor), (1.0, factor, 0.0, 0.0, 1.0, 0.0)),
+                          (ra.shear_y(x, factor), (1.0, 0.0, 0.0, factor, 1.0, 0.0))):
+      d = np.abs(mine.numpy() - ra.affine(x, general).numpy())
+      assert d.max() <= 1 and (d > 0).mean() < 0.05, (factor, general, (d > 0).mean())
+  # Rows 2.. of a shear by 7 start beyond the 56-pixel width: all fill.
+  far = ra.shear_x(x, 7.0).numpy()[8:]
+  assert np.array_equal(far, np.broadcast_to(np.asarray(ra.FILL, np.float32), far.shape))
 
 
 def test_repeated_augmentation_in_file_sources(tmp_path):
