@@ -318,10 +318,11 @@ def test_randaug_ops_match_pil():
     assert np.median(d) <= 1 and d.mean() < 1.5
 
 
-def test_shears_equal_the_general_affine_but_for_near_ties():
-  """shear_x / shear_y gather each row's / column's window (randaug._shift_lines) rather
-  than run TensorFlow's projective transform (randaug.affine): the same image but for
-  near-ties of .5, also where lines move wholly out of the image (all fill)."""
+def test_shears_and_translations_equal_the_general_affine_but_for_near_ties():
+  """Shears gather each row's / column's window (randaug._shift_lines) and translations
+  slice a one-side padded image (randaug._translate) rather than run TensorFlow's
+  projective transform (randaug.affine): the same image but for near-ties of .5, also
+  where lines move wholly out of the image (all fill)."""
   from convstem_jax.data import randaug as ra  # pylint: disable=g-import-not-at-top
   tf = _tf()
   x = tf.constant(np.random.default_rng(5).integers(0, 256, (48, 56, 3)), tf.float32)
@@ -330,6 +331,11 @@ def test_shears_equal_the_general_affine_but_for_near_ties():
                           (ra.shear_y(x, factor), (1.0, 0.0, 0.0, factor, 1.0, 0.0))):
       d = np.abs(mine.numpy() - ra.affine(x, general).numpy())
       assert d.max() <= 1 and (d > 0).mean() < 0.05, (factor, general, (d > 0).mean())
+  for fraction in (0.013, 0.3, -0.45, 0.98, -1.2, 3.0):  # translations: slices, padded
+    for mine, general in ((ra.translate_x(x, fraction), (1, 0, 56 * fraction, 0, 1, 0)),
+                          (ra.translate_y(x, fraction), (1, 0, 0, 0, 1, 48 * fraction))):
+      d = np.abs(mine.numpy() - ra.affine(x, general).numpy())
+      assert d.max() <= 1 and (d > 0).mean() < 0.05, (fraction, general, (d > 0).mean())
   # Rows 2.. of a shear by 7 start beyond the 56-pixel width: all fill.
   far = ra.shear_x(x, 7.0).numpy()[8:]
   assert np.array_equal(far, np.broadcast_to(np.asarray(ra.FILL, np.float32), far.shape))
