@@ -156,6 +156,20 @@ def test_resize_small_central_crop_and_values():
   assert run_both("gray_to_rgb", gray).shape == (4, 4, 3)
 
 
+@pytest.mark.parametrize("shape", [(150, 180), (200, 210), (224, 100), (111, 37),
+                                   (224, 224), (300, 200), (350, 300)])
+def test_resize_is_the_antialiased_bilinear(shape):
+  """resize (and the crops, resize_small) is tf.image.resize's antialiased bilinear, as
+  PIL resizes; where no axis shrinks it runs the plain bilinear op (faster, the same
+  filter), which may move a pixel by one level through float rounding."""
+  img = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3)).astype(np.uint8)
+  out = run_both("resize(224)|value_range(0, 255)", {"image": tf.constant(img), "label": 0})
+  ref = tf.image.resize(img, (224, 224), method="bilinear", antialias=True).numpy()
+  diff = np.abs(np.rint(out).astype(np.int32) - np.clip(np.round(ref), 0, 255).astype(int))
+  assert out.shape == (224, 224, 3)
+  assert diff.max() <= 1 and (diff > 0).mean() < 2e-3, (diff.max(), (diff > 0).mean())
+
+
 def unfused(spec, features, seed):
   """The ops of `spec` applied one by one, as build() did before it fused any."""
   f, seed = dict(features), tf.constant(seed, tf.int64)
