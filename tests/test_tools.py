@@ -42,6 +42,18 @@ def test_bench_input_compares_with_the_pil_reference(capsys):
     assert r == pytest.approx(o / p, abs=0.01, rel=0.01)
 
 
+def test_bench_input_pil_reference_in_processes_at_once(capsys):
+  """--pil_processes 2: two spawned PIL workers, timed windows aligned by a barrier."""
+  import importlib.util
+  if importlib.util.find_spec("timm") is None:
+    pytest.skip("timm is not installed: the PIL reference uses timm's RandAugment ops")
+  bench_input.main(["--images", "4", "--seconds", "0.5", "--pil_processes", "2"])
+  out = capsys.readouterr().out
+  pil = re.findall(r"^  PIL reference \(2 processes at once, one image at a time\): "
+                   r"([\d.]+) images/s per core$", out, re.M)
+  assert len(pil) == 2 and all(float(p) > 0 for p in pil), out
+
+
 def test_bench_input_counts_real_images_not_eval_padding():
   import numpy as np
   assert bench_input.real_images({"image": np.zeros((4, 2)),

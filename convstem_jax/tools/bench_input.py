@@ -4,7 +4,7 @@ JPEGs, against a PyTorch-style PIL loop on the same JPEGs, side by side in one r
     python -m convstem_jax.tools.bench_input [--images 512] [--seconds 20] \
         [--pp "inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize|random_erasing(0.25)"] \
         [--pp_eval "decode|resize_small(256)|central_crop(224)|normalize"] \
-        [--trainer] [--no_pil]
+        [--trainer] [--no_pil] [--pil_processes 1]
 
 Generates JPEGs of ImageNet-like sizes (sides 300-500 px, quality 90, smooth content so
 they compress like photos) and writes them as an image folder. Ours is the trainer's own
@@ -16,7 +16,9 @@ runs the real trainer on that folder with a tiny ViT and prints its end-to-end
 images/s, which includes the model step.
 
 The PIL reference (skip it with `--no_pil`) is what one PyTorch DataLoader worker does,
-one image at a time in this process (one core). Train, for the default --pp: PIL decode,
+one image at a time in this process (one core); `--pil_processes N` runs N such
+workers at once, as a DataLoader does on N cores, and reports images/s per process (the
+per-core figure when cores are shared alike). Train, for the default --pp: PIL decode,
 torchvision's RandomResizedCrop sampling (scale 0.08-1, ratio 3/4-4/3, 10 tries, then a
 centre crop) with a bilinear resize to 224, a horizontal flip with probability 0.5,
 timm's RandAugment 'rand-m9-n2-mstd0.5-inc1' (timm's own PIL ops, from timm's
@@ -168,18 +170,23 @@ def _crop_box(rng, width: int, height: int) -> tuple[int, int, int, int]:
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _timed(one, jpegs: list[bytes], seconds: float, warmup_images: int = 32) -> float:
-  """Images/s of `one(jpeg)` over the JPEGs in turn."""
+def _timed(one, jpegs: list[bytes], seconds: float, warmup_images: int = 32,
+           sync=lambda: None) -> float:
+  """Images/s of `one(jpeg)` over the JPEGs in turn; `sync()` between the warm-up and
+  the timed window (other processes' windows start together)."""
   cycle = itertools.cycle(jpegs)
 
   def step() -> int:
     one(next(cycle))
     return 1
-  return _per_second(step, seconds, warmup_images)
+  for _ in range(warmup_images):
+    step()
+  sync()
+  return _per_second(step, seconds, 0)
 
 
 def pil_rates(jpegs: list[bytes], seconds: float, size: int = 224,
-              eval_resize: int = 256) -> tuple[float, float]:
+              eval_resize: int = 256, sync=lambda: None) -> tuple[float, float]:
   """(train, eval) images/s of the PIL reference (module docstring) in this process,
   one image at a time, after a warm-up."""
   import io  # pylint: disable=g-import-not-at-top
@@ -224,7 +231,33 @@ def pil_rates(jpegs: list[bytes], seconds: float, size: int = 224,
     assert out.shape == (size, size, 3)
     return out
 
-  return _timed(train, jpegs, seconds), _timed(evaluate, jpegs, seconds)
+  return (_timed(train, jpegs, seconds, sync=sync),
+          _timed(evaluate, jpegs, seconds, sync=sync))
+
+
+def _pil_process(jpegs, seconds, barrier, results) -> None:
+  results.put(pil_rates(jpegs, seconds, sync=barrier.wait))
+
+
+def pil_rates_together(jpegs: list[bytes], seconds: float,
+                       processes: int) -> tuple[float, float]:
+  """(train, eval) images/s per process of the PIL reference in `processes` processes at
+  once (as a DataLoader's workers run, one per core), their timed windows aligned."""
+  if processes == 1:
+    return pil_rates(jpegs, seconds)
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  ctx = multiprocessing.get_context("spawn")  # not a fork of a process running TF
+  barrier, results = ctx.Barrier(processes), ctx.Queue()
+  workers = [ctx.Process(target=_pil_process, args=(jpegs, seconds, barrier, results))
+             for _ in range(processes)]
+  for w in workers:
+    w.start()
+  rates = [results.get() for _ in workers]
+  for w in workers:
+    w.join()
+    if w.exitcode:
+      raise RuntimeError(f"a PIL reference process exited with {w.exitcode}")
+  return tuple(float(np.mean([r[i] for r in rates])) for i in range(2))
 
 
 def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30) -> float:
@@ -254,6 +287,9 @@ def main(argv=None) -> None:
                       help="also time the trainer end to end with a tiny ViT")
   parser.add_argument("--no_pil", action="store_true",
                       help="skip the PIL reference (the PyTorch-style loop)")
+  parser.add_argument("--pil_processes", type=int, default=1,
+                      help="run the PIL reference in this many processes at once (as "
+                      "DataLoader workers on that many cores) and report per process")
   args = parser.parse_args(argv)
   jpegs = make_jpegs(args.images)
   from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
@@ -271,12 +307,14 @@ def main(argv=None) -> None:
     for given, default in ((args.pp, DEFAULT_PP), (args.pp_eval, DEFAULT_PP_EVAL)):
       if given != default:
         print(f"note: the PIL reference runs the default pipeline ({default}), not {given}.")
-    reference = pil_rates(jpegs, args.seconds)
+    reference = pil_rates_together(jpegs, args.seconds, args.pil_processes)
   for i, (what, spec) in enumerate((("train", args.pp), ("eval", args.pp_eval))):
     print(f"{what}: {spec}")
     print(f"  ours: {ours[i]:.1f} images/s on {n} cores, {ours[i] / n:.1f} per core")
     if reference:
-      print(f"  PIL reference (one process, one image at a time): {reference[i]:.1f} "
+      together = ("one process" if args.pil_processes == 1 else
+                  f"{args.pil_processes} processes at once")
+      print(f"  PIL reference ({together}, one image at a time): {reference[i]:.1f} "
             "images/s per core")
       print(f"  ours / PIL per core: {ours[i] / n / reference[i]:.2f}")
 
