@@ -52,6 +52,12 @@ def test_bench_input_pil_reference_in_processes_at_once(capsys):
   pil = re.findall(r"^  PIL reference \(2 processes at once, one image at a time\): "
                    r"([\d.]+) images/s per core$", out, re.M)
   assert len(pil) == 2 and all(float(p) > 0 for p in pil), out
+  # A worker that fails (here on bytes PIL cannot open) is an error, not a hang.
+  with pytest.raises(RuntimeError, match="PIL reference process exited with 1"):
+    bench_input.pil_rates_together([b"not a jpeg"], 0.2, 2)
+  with pytest.raises(SystemExit):
+    bench_input.main(["--pil_processes", "0", "--no_pil"])
+  assert "error: --pil_processes must be at least 1" in capsys.readouterr().err
 
 
 def test_bench_input_counts_real_images_not_eval_padding():

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import queue
 import tempfile
 import time
 
@@ -247,16 +248,25 @@ def pil_rates_together(jpegs: list[bytes], seconds: float,
     return pil_rates(jpegs, seconds)
   import multiprocessing  # pylint: disable=g-import-not-at-top
   ctx = multiprocessing.get_context("spawn")  # not a fork of a process running TF
-  barrier, results = ctx.Barrier(processes), ctx.Queue()
+  barrier, results = ctx.Barrier(processes, timeout=600), ctx.Queue()
   workers = [ctx.Process(target=_pil_process, args=(jpegs, seconds, barrier, results))
              for _ in range(processes)]
   for w in workers:
     w.start()
-  rates = [results.get() for _ in workers]
-  for w in workers:
-    w.join()
-    if w.exitcode:
-      raise RuntimeError(f"a PIL reference process exited with {w.exitcode}")
+  rates = []
+  try:
+    while len(rates) < processes:
+      try:
+        rates.append(results.get(timeout=5))
+      except queue.Empty:  # a worker that died (its traceback is on stderr) never reports
+        failed = [w.exitcode for w in workers if w.exitcode]
+        if failed:
+          raise RuntimeError(f"a PIL reference process exited with {failed[0]}") from None
+  finally:
+    for w in workers:
+      if len(rates) < processes:
+        w.terminate()
+      w.join()
   return tuple(float(np.mean([r[i] for r in rates])) for i in range(2))
 
 
@@ -291,6 +301,8 @@ def main(argv=None) -> None:
                       help="run the PIL reference in this many processes at once (as "
                       "DataLoader workers on that many cores) and report per process")
   args = parser.parse_args(argv)
+  if args.pil_processes < 1:
+    parser.error(f"--pil_processes must be at least 1, not {args.pil_processes}")
   jpegs = make_jpegs(args.images)
   from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
   n = files.cores()
