@@ -99,13 +99,14 @@ def _channel_index(image):
 
 def _lookup(lut, index):
   """lut ([3, 256]) at `index` (_channel_index), float32; gather_nd with a trailing index
-  axis runs about 1.5x faster than tf.gather on CPU here."""
+  axis runs about 1.5x faster than tf.gather on CPU (0.77 against 1.1-1.4 ms for 150k
+  values, one core of the 2-core AMD EPYC VM, docs/benchmarks.md)."""
   return tf.gather_nd(tf.cast(tf.reshape(lut, [-1]), tf.float32), index[..., None])
 
 
 def _channel_min_max(image):
   """Per-channel min and max; two single-axis reductions each, 4x faster on CPU than one
-  over axes [0, 1]."""
+  over axes [0, 1] (0.22 against 0.9 ms at 224 px, same VM)."""
   return (tf.reduce_min(tf.reduce_min(image, 0), 0),
           tf.reduce_max(tf.reduce_max(image, 0), 0))
 
@@ -162,7 +163,7 @@ def solarize_add(image, add, threshold=128.0):
 
 def color(image, factor):
   gray = _gray(image)
-  return _blend(tf.tile(gray, [1, 1, 3]), image, factor)  # tile: 3x faster than concat
+  return _blend(tf.tile(gray, [1, 1, 3]), image, factor)  # tile: 0.27 ms, concat 1.0 (same VM)
 
 
 def contrast(image, factor):
