@@ -61,6 +61,12 @@ def initialize_distributed():
   preemption.after_distributed_init()
 
 
+def distributed_requested() -> bool:
+  return (any(v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes,
+                                      FLAGS.process_id))
+          or os.environ.get(DISTRIBUTED_ENV, "") == "1")
+
+
 # ------------------------------------------------------------------ flags and config
 
 
@@ -265,6 +271,11 @@ def main(argv):
   config = load_config(sys.argv)
   quiet_library_logs()
   try:
+    if not distributed_requested():
+      # On a CPU host, one JAX device per core (config.cpu_devices); before any backend.
+      from convstem_jax import sharding  # pylint: disable=g-import-not-at-top
+      from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
+      sharding.configure_cpu_devices(config, files.cores())
     initialize_distributed()
     # Imports after the distributed runtime is up (no JAX op may run before it).
     from convstem_jax import evaluate  # pylint: disable=g-import-not-at-top

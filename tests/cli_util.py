@@ -28,16 +28,21 @@ RESUMED_LINE = re.compile(
 FIRST_STEP_LINE = re.compile(r"First step \(compilation included\) done in ([\d.]+)s")
 
 
-def child_env(num_devices: int) -> dict[str, str]:
+def child_env(num_devices: int | None) -> dict[str, str]:
+  """num_devices fake CPU devices, or (None) no device count: the trainer's own choice."""
   env = dict(os.environ)
   env.update({
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
       "TF_CPP_MIN_LOG_LEVEL": "2",
       "CUDA_VISIBLE_DEVICES": "",
       "PYTHONUNBUFFERED": "1",
   })
+  if num_devices is None:
+    env.pop("XLA_FLAGS", None)
+  else:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env.pop("CONVSTEM_JAX_DISTRIBUTED", None)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
   return env
 
 
@@ -67,7 +72,7 @@ class Result:
             re.finditer(r"^(\S+/\w+): ([-\d.naif]+)$", self.stdout, re.M)}
 
 
-def run_cli(*args: str, num_devices: int = 8, timeout: float = TIMEOUT_S) -> Result:
+def run_cli(*args: str, num_devices: int | None = 8, timeout: float = TIMEOUT_S) -> Result:
   """Runs main.py to completion (killed after `timeout` seconds)."""
   cmd = command(*args)
   t0 = time.perf_counter()

@@ -281,3 +281,29 @@ def test_out_of_memory_becomes_one_sentence_with_the_fixes():
   # Faults that are not the user's keep their traceback, a ValueError from JAX included.
   assert main.user_error(RuntimeError("an internal bug")) is None
   assert main.user_error(ValueError("Incompatible shapes for broadcasting")) is None
+
+
+def test_a_cpu_host_trains_on_one_device_per_core(tmp_path):
+  """No device count given: main.py makes one JAX CPU device per core this process may
+  use, as many as the runlocal batch of 16 splits over."""
+  import os  # pylint: disable=g-import-not-at-top
+  cores = len(os.sched_getaffinity(0))
+  expected = max(d for d in range(1, cores + 1) if 16 % d == 0)
+  result = run_cli(RUNLOCAL, f"--workdir={tmp_path / 'run'}", "--config.total_steps=2",
+                   num_devices=None)
+  assert result.returncode == 0, str(result)
+  assert f"0/1, {expected} local / {expected} global devices (cpu)" in result.stderr, \
+      str(result)
+
+
+@pytest.mark.parametrize("requested, batches, cores, expected", [
+    (0, [64, 64], 2, 2),     # one per core
+    (0, [64, 64], 3, 2),     # lowered until the batch splits
+    (0, [12, 8], 8, 4),      # the eval batch counts too
+    (0, [7, 7], 4, 1),       # a prime batch: one device
+    (3, [16, 16], 64, 2),    # an explicit count is lowered the same way
+    (1, [64, 64], 16, 1),    # cpu_devices=1: the single device of before
+])
+def test_cpu_device_count(requested, batches, cores, expected):
+  from convstem_jax import sharding  # pylint: disable=g-import-not-at-top
+  assert sharding.cpu_device_count(requested, batches, cores) == expected

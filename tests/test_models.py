@@ -80,10 +80,11 @@ def test_vit_b16_forward_is_17_58_gmacs():
 
 
 def test_compiled_forward_agrees_with_the_analytic_count():
-  # XLA also counts softmax, GELU and norms, so it reads a few percent higher.
+  # XLA also counts softmax, GELU and norms (higher) but a bias add as one flop, half a
+  # multiply-add of the analytic count (lower): they agree within a few percent.
   model = tiny("vitc_1gf", img_size=64, patch_size=16)
   analytic = complexity.analytic(model)[1]
-  assert analytic <= complexity.compiled_macs(model) <= 1.08 * analytic
+  assert 0.95 * analytic <= complexity.compiled_macs(model) <= 1.08 * analytic
 
 
 def test_complexity_cli_prints_every_model(capsys):

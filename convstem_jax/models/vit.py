@@ -137,7 +137,7 @@ class Mlp(nn.Module):
                               kernel_init=inits.mlp_kernel_init(self.init_style),
                               bias_init=inits.mlp_bias_init(self.init_style))
     d = x.shape[-1]
-    x = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)
+    x = stems.gelu(dense(self.hidden, name="fc1")(x))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     return dense(d, name="fc2")(x)
 

@@ -505,6 +505,10 @@ def main(argv=None) -> dict:
     config_overrides["mu_dtype"] = args.mu_dtype
   config = benchmark_config(args.model, args.batch_size, args.num_classes, img_size,
                             overrides, config_overrides)
+  # As the trainer: on a CPU host one JAX device per core (--set cpu_devices=1: one).
+  from convstem_jax import sharding  # pylint: disable=g-import-not-at-top
+  from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
+  sharding.configure_cpu_devices(config, files.cores())
   model = create_model(args.model, num_classes=args.num_classes, img_size=img_size,
                        **overrides)
   _, macs = complexity.analytic(model)
