@@ -40,7 +40,7 @@ def configure_cpu_devices(config, cores: int) -> int | None:
   XLA:CPU runs most of one device's step on one core (its matmuls use more; its
   elementwise fusions and convolutions mostly do not), so on a CPU host the trainer
   takes one device per core and lets the data-parallel split use them all: the README
-  main job's step runs 1.2-1.3x faster on 2 cores (docs/benchmarks.md). Numerics are
+  main job's step ran about 1.3x faster on 2 cores (docs/benchmarks.md). Numerics are
   those of one device up to float rounding (BatchNorm statistics are still over the
   global batch). It has no effect on the GPU or TPU a run uses. A device count already
   given in XLA_FLAGS (--xla_force_host_platform_device_count) or JAX_NUM_CPU_DEVICES
