@@ -54,7 +54,10 @@ def configure_cpu_devices(config, cores: int) -> int | None:
   sizes = [batch // accum if batch % accum == 0 else batch,
            config_lib.get(config, "eval_batch_size")]
   n = cpu_device_count(int(config_lib.get(config, "cpu_devices")), sizes, cores)
-  jax.config.update("jax_num_cpu_devices", n)
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # a caller in this process already started JAX: keep its devices
+    return None
   return n
 
 

@@ -401,3 +401,15 @@ def test_stem_weight_grad_switch_keeps_parameters_and_gradients(name):
                             jax.tree.leaves(out["xla"][1])):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * np.abs(b).max(),
                                  err_msg=jax.tree_util.keystr(path))
+
+
+def test_gelu_is_the_exact_gelu():
+  """PyTorch's erf form (models.stems.gelu) against jax.nn.gelu's erfc form; the tanh
+  approximation is 1e-4 away, so the bound tells the two forms apart."""
+  x = jnp.linspace(-8.0, 8.0, 100_001, dtype=jnp.float32)
+  exact = jax.nn.gelu(x, approximate=False)
+  assert float(jnp.max(jnp.abs(stems.gelu(x) - exact))) < 2e-6
+  grad = jax.vmap(jax.grad(stems.gelu))(x)
+  assert float(jnp.max(jnp.abs(grad - jax.vmap(jax.grad(
+      lambda v: jax.nn.gelu(v, approximate=False)))(x)))) < 2e-6
+  assert float(jnp.max(jnp.abs(jax.nn.gelu(x, approximate=True) - exact))) > 1e-4
