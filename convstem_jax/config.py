@@ -189,8 +189,8 @@ def base_config():
   c.mesh = (("data", -1),)        # the only axis implemented; weights shard with fsdp
   c.fsdp = False
   # JAX devices on a CPU host (0 = one per core, lowered until the batches split evenly;
-  # sharding.configure_cpu_devices says why). Single-process runs only; no effect on
-  # GPUs or TPUs; a count in XLA_FLAGS or JAX_NUM_CPU_DEVICES wins.
+  # sharding.configure_cpu_devices says why). Single-process runs only; sizes only the
+  # CPU backend, not a GPU or TPU; a count in XLA_FLAGS or JAX_NUM_CPU_DEVICES wins.
   c.cpu_devices = 0
   # Start from other weights (convstem_jax/weights): one of our workdirs or checkpoint
   # dirs, a big_vision / vit_jax .npz, a timm .safetensors / .pth, a pycls .pyth.

@@ -44,8 +44,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 DISTRIBUTED_ENV = "CONVSTEM_JAX_DISTRIBUTED"
 
 
-def initialize_distributed():
+def initialize_distributed(config):
+  """Starts JAX's distributed runtime for a multi-process run; a single-process run sets
+  its CPU device count instead (config.cpu_devices). Before any JAX backend starts."""
   import jax  # pylint: disable=g-import-not-at-top
+  from convstem_jax import sharding  # pylint: disable=g-import-not-at-top
   explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -58,13 +61,9 @@ def initialize_distributed():
                                FLAGS.process_id)
   elif os.environ.get(DISTRIBUTED_ENV, "") == "1":
     jax.distributed.initialize()  # cluster auto-detection: TPU pod slice, SLURM, ...
+  else:
+    sharding.configure_cpu_devices(config)  # on a CPU host, one device per core
   preemption.after_distributed_init()
-
-
-def distributed_requested() -> bool:
-  return (any(v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes,
-                                      FLAGS.process_id))
-          or os.environ.get(DISTRIBUTED_ENV, "") == "1")
 
 
 # ------------------------------------------------------------------ flags and config
@@ -271,12 +270,7 @@ def main(argv):
   config = load_config(sys.argv)
   quiet_library_logs()
   try:
-    if not distributed_requested():
-      # On a CPU host, one JAX device per core (config.cpu_devices); before any backend.
-      from convstem_jax import sharding  # pylint: disable=g-import-not-at-top
-      from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
-      sharding.configure_cpu_devices(config, files.cores())
-    initialize_distributed()
+    initialize_distributed(config)
     # Imports after the distributed runtime is up (no JAX op may run before it).
     from convstem_jax import evaluate  # pylint: disable=g-import-not-at-top
     from convstem_jax import train  # pylint: disable=g-import-not-at-top

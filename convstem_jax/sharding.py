@@ -34,26 +34,28 @@ def cpu_device_count(requested: int, batch_sizes: Sequence[int], cores: int) -> 
   return n
 
 
-def configure_cpu_devices(config, cores: int) -> int | None:
+def configure_cpu_devices(config, cores: int | None = None) -> int | None:
   """Sets how many devices JAX's CPU backend has, before any backend starts.
 
   XLA:CPU runs most of one device's step on one core (its matmuls use more; its
   elementwise fusions and convolutions mostly do not), so on a CPU host the trainer
   takes one device per core and lets the data-parallel split use them all: the README
-  main job's step ran about 1.3x faster on 2 cores (docs/benchmarks.md). Numerics are
-  those of one device up to float rounding (BatchNorm statistics are still over the
-  global batch). It has no effect on the GPU or TPU a run uses. A device count already
-  given in XLA_FLAGS (--xla_force_host_platform_device_count) or JAX_NUM_CPU_DEVICES
-  wins. Returns the count set, or None where it left JAX's choice.
+  main job's step ran about 1.3x faster on the 2-core AMD EPYC VM (docs/benchmarks.md).
+  Numerics are those of one device up to float rounding (BatchNorm statistics are still
+  over the global batch). It sizes only the CPU backend, which a GPU or TPU run does not
+  compute on (not tried on one here). A device count already given in XLA_FLAGS
+  (--xla_force_host_platform_device_count) or JAX_NUM_CPU_DEVICES wins. `cores`
+  defaults to the cores this process may run on. Returns the count set, or None where
+  it left JAX's choice.
   """
   if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
       or os.environ.get("JAX_NUM_CPU_DEVICES")):
     return None
+  from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
   accum = max(1, int(config_lib.get(config, "grad_accum_steps")))
-  batch = config.batch_size
-  sizes = [batch // accum if batch % accum == 0 else batch,
-           config_lib.get(config, "eval_batch_size")]
-  n = cpu_device_count(int(config_lib.get(config, "cpu_devices")), sizes, cores)
+  sizes = [config.batch_size // accum, config_lib.get(config, "eval_batch_size")]
+  n = cpu_device_count(int(config_lib.get(config, "cpu_devices")), sizes,
+                       cores or files.cores())
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # a caller in this process already started JAX: keep its devices

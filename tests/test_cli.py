@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 
@@ -286,7 +287,6 @@ def test_out_of_memory_becomes_one_sentence_with_the_fixes():
 def test_a_cpu_host_trains_on_one_device_per_core(tmp_path):
   """No device count given: main.py makes one JAX CPU device per core this process may
   use, as many as the runlocal batch of 16 splits over."""
-  import os  # pylint: disable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0))
   expected = max(d for d in range(1, cores + 1) if 16 % d == 0)
   result = run_cli(RUNLOCAL, f"--workdir={tmp_path / 'run'}", "--config.total_steps=2",

@@ -283,8 +283,7 @@ def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30) -> float:
     c.checkpoint_every_steps, c.eval_every_epochs = 0, 0.0
     workdir = os.path.join(tmp, "work")
     from convstem_jax import sharding  # pylint: disable=g-import-not-at-top
-    from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
-    sharding.configure_cpu_devices(c, files.cores())  # as main.py: a device per core
+    sharding.configure_cpu_devices(c)  # as main.py: a device per core
     train.train_and_evaluate(c, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       return json.loads(f.readlines()[-1])["train/images_per_sec"]

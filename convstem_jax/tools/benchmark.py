@@ -507,8 +507,7 @@ def main(argv=None) -> dict:
                             overrides, config_overrides)
   # As the trainer: on a CPU host one JAX device per core (--set cpu_devices=1: one).
   from convstem_jax import sharding  # pylint: disable=g-import-not-at-top
-  from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
-  sharding.configure_cpu_devices(config, files.cores())
+  sharding.configure_cpu_devices(config)
   model = create_model(args.model, num_classes=args.num_classes, img_size=img_size,
                        **overrides)
   _, macs = complexity.analytic(model)
