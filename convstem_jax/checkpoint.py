@@ -44,6 +44,21 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, kept away from JAX's preemption service.
+
+  orbax asks `reached_preemption_sync_point(step)` from `save` and again from the thread
+  that finalizes an async save. That call sets the service's step counter, so a save of
+  step 35 finalizing while the loop is at step 40 moves it back to 35; a notice then is
+  agreed on step 36, which the loop has passed, and the signal is lost. The trainer's
+  `preemption.Watcher` decides preemption saves and is the service's only caller.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
   return ocp.args.PyTreeRestore(
       item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
@@ -57,7 +72,7 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     # Handlers named up front, so a fresh manager can read metadata of old steps.
     handlers = {k: ocp.PyTreeCheckpointHandler() for k in ("model", "train")}
-    self.manager = ocp.CheckpointManager(
+    self.manager = _Manager(
         self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             save_interval_steps=0 if read_only else 1, create=not read_only,

@@ -10,7 +10,8 @@ Who notices the signal:
   on the same step everywhere (the maximum step any host had passed, plus one). A Python
   SIGTERM handler installed after `jax.distributed.initialize` would disable it, so only
   SIGUSR1 (SLURM's `--signal`) gets a Python handler, which forwards it to our own
-  SIGTERM.
+  SIGTERM. The `Watcher` must be the service's only caller: orbax's manager, which
+  would ask too, is kept out (`checkpoint._Manager`).
 - Without it (one process), a Python handler sets a flag that the loop reads at each
   step boundary.
 Handlers are installed before the distributed runtime starts (`install`), so a signal

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -291,6 +292,41 @@ def test_a_tfds_run_preempted_mid_epoch_resumes_bitwise(tmp_path):
   assert 9 <= stopped < 24 and stopped % 4, str(child)  # not a periodic checkpoint step
   run_to_end(workdir, base=base)
   assert_bitwise_equal(saved(workdir, 24), saved(reference, 24))
+
+
+LATE_FINALIZE = """
+import os, signal, sys, time
+from convstem_jax import preemption
+preemption.install()
+import jax, numpy as np
+jax.distributed.initialize(sys.argv[1], num_processes=1, process_id=0)
+from jax._src import distributed
+from convstem_jax import checkpoint
+watcher = preemption.Watcher(0)
+assert not any(watcher.reached(step) for step in range(1, 11))
+ckpt = checkpoint.Checkpointer(sys.argv[2])
+ckpt.save(5, {k: np.zeros(3) for k in checkpoint.MODEL_KEYS + ("opt_state",)})
+ckpt.wait()  # an earlier step's save finalizing in the background, the loop at step 10
+os.kill(os.getpid(), signal.SIGUSR1)
+client, deadline = distributed.global_state.client, time.monotonic() + 60
+while not client.key_value_dir_get("PREEMPTION_CURRENT_COUNTER/"):  # protocol started
+  assert time.monotonic() < deadline, "the preemption service never got the notice"
+  time.sleep(0.05)
+print("agreed on step 11:", watcher.reached(11))  # waits for the protocol to finish
+ckpt.close()
+"""
+
+
+def test_a_save_finalizing_late_does_not_lose_the_preemption_signal(tmp_path):
+  """orbax's finalize thread must not move the preemption service's step counter back
+  to the saved step: the notice would be agreed on a step the loop has passed (the run
+  trained to the end and exited 0, seen under a loaded full suite)."""
+  out = subprocess.run(
+      [sys.executable, "-c", LATE_FINALIZE, f"127.0.0.1:{free_port()}",
+       str(tmp_path / "checkpoints")], cwd=REPO, env=child_env(1), capture_output=True,
+      text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0 and "agreed on step 11: True" in out.stdout, \
+      out.stdout + out.stderr[-3000:]
 
 
 def test_a_signal_between_log_steps_is_honoured_within_a_few_steps(tmp_path):
