@@ -126,6 +126,8 @@ def base_config():
   c.pp_eval = ""                  # ('' = the defaults of convstem_jax/data/files.py)
   c.data_threads = 0              # tf.data threads and parallel calls (0 = the cores)
   c.data_autotune = False         # tf.data's autotuner (data/files.py says why it is off)
+  c.data_workers = 0              # input worker processes, pinned one per core (data/
+                                  # workers.py; file sources; -1 = one per core)
   c.shuffle_buffer = 50_000       # tfds shuffle buffer
   c.folder_test_fraction = 0.2    # dataset='folder' with a single tree: test share
   c.folder_split_seed = 0

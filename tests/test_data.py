@@ -4,6 +4,7 @@ slices, eval padding and resumable train streams. Small generated images only.""
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from PIL import Image
 import tfds_util
 from convstem_jax import config as config_lib
 from convstem_jax import data as data_lib
+from convstem_jax import errors
 from convstem_jax.data import common, elpv, pp
 
 
@@ -219,13 +221,13 @@ def test_parallelism_fixed_per_core_unless_autotuned(monkeypatch):
   from convstem_jax.data import files
   monkeypatch.setattr(files, "cores", lambda: 5)
   c = make_config()
-  assert files.parallelism(tf, c) == 5 and not files._options(tf, c).autotune.enabled
-  assert files._options(tf, c).threading.private_threadpool_size in (None, 0)
+  assert files.parallelism(tf, c) == 5 and not files.options(tf, c).autotune.enabled
+  assert files.options(tf, c).threading.private_threadpool_size in (None, 0)
   c.data_threads = 3
   assert files.parallelism(tf, c) == 3
-  assert files._options(tf, c).threading.private_threadpool_size == 3
+  assert files.options(tf, c).threading.private_threadpool_size == 3
   c.data_autotune = True
-  assert files.parallelism(tf, c) == tf.data.AUTOTUNE and files._options(tf, c).autotune.enabled
+  assert files.parallelism(tf, c) == tf.data.AUTOTUNE and files.options(tf, c).autotune.enabled
 
 
 # ------------------------------------------------------------------ ELPV
@@ -317,6 +319,70 @@ def test_train_stream_shuffles_per_epoch_and_resumes_exactly(tmp_path, monkeypat
   c.seed = 1
   other = data_lib.get_source(c, "train").train_batches(3)
   assert not all(np.array_equal(identities(next(other)), i) for i in ids[:3])
+
+
+def _worker_pids():
+  """This test process's input workers (data/workers.py)."""
+  pids = []
+  for task in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{task}/children") as f:
+      pids += [int(p) for p in f.read().split()]
+  def cmdline(pid):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+    except OSError:
+      return b""
+  return [p for p in pids if b"convstem_jax.data.workers" in cmdline(p)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_worker_processes_make_the_in_process_stream_bitwise(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  for i in range(14):
+    d = tmp_path / "all" / f"class_{i % 2}"
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), np.uint8)).save(d / f"{i}.jpg")
+  c = make_config(dataset="folder", data_dir=str(tmp_path / "all"), num_classes=2,
+                  folder_test_fraction=0.0, repeated_aug=2, image_size=16)
+  c.pp_train = ("decode|inception_crop(16)|flip_lr|randaug(2, 9, 0.5)|normalize|"
+                "random_erasing(0.5)")
+  fake_processes(monkeypatch, 2, 1)  # the parent's process index reaches the workers
+  src = data_lib.get_source(c, "train")
+  for workers, start, batch in ((2, 0, 5), (3, 4, 5)):
+    c.data_workers = 0
+    ours = src.train_batches(batch, start_step=start)
+    c.data_workers = workers
+    theirs = src.train_batches(batch, start_step=start)
+    for step in range(6):
+      a, b = next(ours), next(theirs)
+      assert a.keys() == b.keys()
+      for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (workers, step, k)
+      if step == 2:  # preemption signals go to the trainer; its workers carry on
+        pids = _worker_pids()
+        assert len(pids) == workers
+        for pid in pids:
+          os.kill(pid, signal.SIGTERM)
+          os.kill(pid, signal.SIGINT)
+    theirs.close()
+    deadline = time.time() + 10
+    while _worker_pids() and time.time() < deadline:
+      time.sleep(0.1)
+    assert not _worker_pids()  # closing the stream ends its workers
+
+
+def test_a_failing_worker_raises_in_the_parent(tmp_path):
+  write_folder(tmp_path / "all", per_class=(4, 4))
+  c = make_config(dataset="folder", data_dir=str(tmp_path / "all"), num_classes=2,
+                  folder_test_fraction=0.0, data_workers=2)
+  src = data_lib.get_source(c, "train")
+  shutil.rmtree(tmp_path / "all")  # the workers cannot read the files any more
+  with pytest.raises(RuntimeError, match="Input worker process .* exited"):
+    next(src.train_batches(4))
+  c.data_workers = -2
+  with pytest.raises(errors.UserError, match="data_workers"):
+    src.train_batches(4)
 
 
 def test_folder_corrupt_and_stray_files(tmp_path, caplog):

@@ -70,7 +70,7 @@ def parallelism(tf, config) -> int:
   return tf.data.AUTOTUNE if config_lib.get(config, "data_autotune") else _threads(config)
 
 
-def _options(tf, config):
+def options(tf, config):
   opts = tf.data.Options()
   opts.deterministic = True
   # The autotuner is off by default: on the 2-core VM of docs/benchmarks.md it held the
@@ -104,16 +104,14 @@ class FileSource:
       return fn({"image": data, "label": tf.gather(labels, i)}, seed)
     return load
 
-  def train_batches(self, local_batch_size: int, start_step: int = 0):
-    tf = import_tf()
-    import jax  # pylint: disable=g-import-not-at-top
+  def train_dataset(self, tf, local_batch_size: int, start_step: int, process: int,
+                    rows: tuple[int, int] | None = None):
+    """The preprocessed examples of process `process`'s train stream from batch
+    `start_step` on; with `rows` = (lo, hi), only rows lo..hi-1 of each batch (the share
+    of one input worker, data/workers.py), with the same seeds."""
     n = len(self.local)
-    if n == 0:
-      raise errors.UserError(f"Split '{self.split}' has {self.num_examples} examples, too few "
-                       f"for {jax.process_count()} processes.")
-    me = jax.process_index()
-    order_seed = common.seed_for(self.seed, "order", self.split, me)
-    aug_seed = common.seed_for(self.seed, "augment", self.split, me)
+    order_seed = common.seed_for(self.seed, "order", self.split, process)
+    aug_seed = common.seed_for(self.seed, "augment", self.split, process)
     start = int(start_step) * local_batch_size
     first_epoch, offset = divmod(start, n)
 
@@ -128,13 +126,33 @@ class FileSource:
 
     index = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
     position = tf.data.Dataset.range(start, 2 ** 62)
+    ds = tf.data.Dataset.zip(position, index)
+    if rows is not None:
+      ds = ds.filter(lambda p, i: _in_rows(p, local_batch_size, rows))
     load = self._pipeline(tf, train=True)
-    ds = tf.data.Dataset.zip(position, index).map(
-        lambda p, i: load(i, tf.stack([tf.constant(aug_seed, tf.int64), p])),
-        num_parallel_calls=parallelism(tf, self.config))
+    return ds.map(lambda p, i: load(i, tf.stack([tf.constant(aug_seed, tf.int64), p])),
+                  num_parallel_calls=parallelism(tf, self.config))
+
+  def train_batches(self, local_batch_size: int, start_step: int = 0):
+    import jax  # pylint: disable=g-import-not-at-top
+    if len(self.local) == 0:
+      raise errors.UserError(f"Split '{self.split}' has {self.num_examples} examples, too few "
+                       f"for {jax.process_count()} processes.")
+    process = jax.process_index()
+    workers = data_workers(self.config)
+    if workers:
+      from convstem_jax.data import workers as workers_lib  # pylint: disable=g-import-not-at-top
+      task = dict(source=self, kind="train", batch_size=local_batch_size,
+                  start_step=int(start_step), process=process)
+      return workers_lib.batches(task, workers)
+    tf = import_tf()
+    ds = self.train_dataset(tf, local_batch_size, start_step, process)
     return train_batches_of(tf, ds, local_batch_size, self.config)
 
   def eval_batches(self, local_batch_size: int):
+    # In this process even with config.data_workers: workers would start (and import
+    # TensorFlow) again for every eval pass, which cost more than they gain on the 2-core
+    # VM (docs/benchmarks.md).
     tf = import_tf()
     load = self._pipeline(tf, train=False)
     ds = tf.data.Dataset.range(len(self.local)).map(
@@ -143,16 +161,40 @@ class FileSource:
                            common.eval_num_batches(self.num_examples, local_batch_size))
 
 
+def _in_rows(position, batch_size: int, rows: tuple[int, int]):
+  """Whether stream position `position` falls in rows [lo, hi) of its batch."""
+  row = position % batch_size
+  return (row >= rows[0]) & (row < rows[1])
+
+
+def data_workers(config) -> int:
+  """config.data_workers: processes making the train stream (0 = none, tf.data in this
+  process; -1 = one per core)."""
+  n = int(config_lib.get(config, "data_workers"))
+  if n < -1:
+    raise errors.UserError(f"config.data_workers must be -1 (one per core), 0 (none) or a "
+                           f"count, not {n}.")
+  return cores() if n == -1 else n
+
+
+def one_thread(config):
+  """`config` with one tf.data thread and no autotuner: an input worker's."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data_threads, config.data_autotune = 1, False
+  return config
+
+
 def train_batches_of(tf, ds, local_batch_size: int, config):
   """Preprocessed examples -> an endless stream of whole numpy batches."""
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
-  ds = ds.with_options(_options(tf, config))
+  ds = ds.with_options(options(tf, config))
   return (_keep(b) for b in ds.as_numpy_iterator())
 
 
 def eval_batches_of(tf, ds, local_batch_size: int, config, num_batches: int):
   """Preprocessed examples -> `num_batches` numpy batches, padded and masked."""
-  ds = ds.batch(local_batch_size).prefetch(2).with_options(_options(tf, config))
+  ds = ds.batch(local_batch_size).prefetch(2).with_options(options(tf, config))
   return common.pad_batches((_keep(b) for b in ds.as_numpy_iterator()), local_batch_size,
                             num_batches, _template(ds))
 

@@ -80,13 +80,14 @@ def write_folder(root: str, jpegs: list[bytes], test_every: int = 1,
         os.link(path, os.path.join(d, f"{i}_{k}.jpg"))
 
 
-def folder_config(root: str, pp_train: str, pp_eval: str):
+def folder_config(root: str, pp_train: str, pp_eval: str, data_workers: int = 0):
   from convstem_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.dataset, c.data_dir = "folder", root
   c.eval_splits, c.num_classes, c.image_size = ("test",), 2, 224
   c.pp_train, c.pp_eval = pp_train, pp_eval
   c.batch_size = c.eval_batch_size = BATCH
+  c.data_workers = data_workers
   return c
 
 
@@ -112,10 +113,10 @@ def _rate(batches, seconds: float, warmup_batches: int) -> float:
 
 
 def pipeline_rates(root: str, pp_train: str, pp_eval: str, seconds: float,
-                   warmup_batches: int = 4) -> tuple[float, float]:
+                   warmup_batches: int = 4, data_workers: int = 0) -> tuple[float, float]:
   """(train, eval) images/s of the folder source at `root`: the trainer's streams."""
   from convstem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  c = folder_config(root, pp_train, pp_eval)
+  c = folder_config(root, pp_train, pp_eval, data_workers)
   train = _rate(data_lib.get_source(c, "train").train_batches(BATCH), seconds,
                 warmup_batches)
   source = data_lib.get_source(c, "test")
@@ -270,13 +271,15 @@ def pil_rates_together(jpegs: list[bytes], seconds: float,
   return tuple(float(np.mean([r[i] for r in rates])) for i in range(2))
 
 
-def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30) -> float:
+def trainer_rate(jpegs: list[bytes], pp_spec: str, steps: int = 30,
+                 data_workers: int = 0) -> float:
   """End-to-end images/s of the trainer on an image folder of `jpegs`, tiny ViT."""
   import json  # pylint: disable=g-import-not-at-top
   from convstem_jax import train  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     write_folder(os.path.join(tmp, "data"), jpegs, test_every=8)
-    c = folder_config(os.path.join(tmp, "data"), pp_spec, "decode|resize(224)|normalize")
+    c = folder_config(os.path.join(tmp, "data"), pp_spec, "decode|resize(224)|normalize",
+                      data_workers)
     c.model_name = "vit_ti16"
     c.model.update(patch_size=32, width=16, num_heads=1, mlp_dim=32, depth=1)
     c.total_steps, c.total_epochs, c.log_every_steps = steps, 0.0, steps // 2
@@ -302,6 +305,9 @@ def main(argv=None) -> None:
   parser.add_argument("--pil_processes", type=int, default=1,
                       help="run the PIL reference in this many processes at once (as "
                       "DataLoader workers on that many cores) and report per process")
+  parser.add_argument("--data_workers", type=int, default=0,
+                      help="ours in this many pinned worker processes (config.data_workers;"
+                      " -1 = one per core, 0 = tf.data in this process)")
   args = parser.parse_args(argv)
   if args.pil_processes < 1:
     parser.error(f"--pil_processes must be at least 1, not {args.pil_processes}")
@@ -312,10 +318,11 @@ def main(argv=None) -> None:
         f"in an image folder; {n} cores")
   if args.trainer:
     print(f"trainer end to end (tiny ViT, batch {BATCH}): "
-          f"{trainer_rate(jpegs, args.pp):.1f} images/s")
+          f"{trainer_rate(jpegs, args.pp, data_workers=args.data_workers):.1f} images/s")
   with tempfile.TemporaryDirectory() as tmp:
     write_folder(tmp, jpegs, test_copies=-(-EVAL_PASS // len(jpegs)))
-    ours = pipeline_rates(tmp, args.pp, args.pp_eval, args.seconds)
+    ours = pipeline_rates(tmp, args.pp, args.pp_eval, args.seconds,
+                          data_workers=args.data_workers)
   reference = None
   if not args.no_pil:
     for given, default in ((args.pp, DEFAULT_PP), (args.pp_eval, DEFAULT_PP_EVAL)):

@@ -1,0 +1,216 @@
+"""The train stream in worker processes, one pinned to each core, each making its rows of every batch.
+
+Why: on the 2-core VM of docs/benchmarks.md one tf.data process on two cores made 518-587
+train images/s, while two one-thread processes pinned one per core made 652-653 together
+(2.0x one core): inside one process tf.data's threads, the consumer and each image's
+buffers move between the cores. `config.data_workers` = N > 0 runs N such processes
+(`python -m convstem_jax.data.workers`) for file sources, worker w pinned to the w-th core this process
+may use (round robin) with one tf.data thread. Batch rows are split in N contiguous
+ranges; worker w makes rows [lo_w, hi_w) of every batch with the source's own per-example
+stream (same positions, same seeds), so the batches are bitwise those of the in-process
+stream (tests/test_data.py), resumes included.
+
+Hand-over: each worker writes its rows into one of a few slots of an anonymous shared
+memory file (memfd, Linux) and sends the slot number over a pipe; the parent copies the rows out into
+the batch (one copy, so nothing it yields aliases a slot) and sends the slot back.
+Workers ignore SIGINT, SIGTERM and the preemption signals (the trainer owns those and
+needs its input until it has saved), exit when their pipe closes, and are killed with
+the parent (PR_SET_PDEATHSIG). A worker that fails prints its traceback and the parent
+raises.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import mmap
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from typing import Iterator
+
+import numpy as np
+
+SLOTS = 3  # per worker: one being written, one being read, one spare
+_RUNNING: set[subprocess.Popen] = set()
+
+
+def row_ranges(batch_size: int, workers: int) -> list[tuple[int, int]]:
+  """[lo, hi) of each worker's rows: contiguous, as even as can be, none empty."""
+  workers = max(1, min(workers, batch_size))
+  edges = [batch_size * w // workers for w in range(workers + 1)]
+  return list(zip(edges[:-1], edges[1:]))
+
+
+def _layout(keys: dict) -> tuple[dict, int]:
+  """{key: (offset, shape, dtype)} of one slot, and the slot's size in bytes."""
+  out, offset = {}, 0
+  for k, (shape, dtype) in sorted(keys.items()):
+    dtype = np.dtype(dtype)
+    out[k] = (offset, tuple(shape), dtype)
+    offset += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // 64) * 64
+  return out, max(offset, 1)
+
+
+def _views(buf, layout: dict, slot_bytes: int, slot: int, rows: int) -> dict:
+  return {k: np.ndarray((rows, *shape[1:]), dtype, buf, slot * slot_bytes + offset)
+          for k, (offset, shape, dtype) in layout.items()}
+
+
+def _kill(proc: subprocess.Popen, running: set) -> None:
+  """Close the worker's pipe (it exits), then kill it if it has not within 5 s."""
+  try:
+    proc.stdin.close()
+  except OSError:
+    pass
+  try:
+    proc.wait(timeout=5)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+  proc.stdout.close()
+  running.discard(proc)
+
+
+@atexit.register
+def _kill_all() -> None:
+  for proc in list(_RUNNING):
+    _kill(proc, _RUNNING)
+
+
+class _Worker:
+  """One worker process, seen from the parent."""
+
+  def __init__(self, task: dict, core: int | None):
+    env = dict(os.environ, CONVSTEM_WORKER_CORE="" if core is None else str(core))
+    self.proc = subprocess.Popen([sys.executable, "-m", "convstem_jax.data.workers"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    _RUNNING.add(self.proc)
+    payload = pickle.dumps(task)
+    self.proc.stdin.write(len(payload).to_bytes(8, "little") + payload)
+    self.proc.stdin.flush()
+    self.buf = None
+    self._kill = functools.partial(_kill, self.proc, _RUNNING)  # usable at shutdown too
+
+  def _line(self) -> str:
+    line = self.proc.stdout.readline().decode()
+    if not line:
+      rc = self.proc.wait()
+      raise RuntimeError(f"Input worker process {self.proc.pid} exited (code {rc}) "
+                         "before its rows of the batch; its error is printed above.")
+    return line
+
+  def next_rows(self) -> tuple[int, dict] | None:
+    """(slot, views of this worker's rows), or None at the end of its stream."""
+    message = json.loads(self._line())
+    if message.get("end"):
+      return None
+    if "path" in message:  # the first message: where the slots are
+      with open(message["path"], "r+b") as f:
+        self.layout, self.slot_bytes = _layout(message["keys"])
+        self.buf = mmap.mmap(f.fileno(), self.slot_bytes * SLOTS)
+      message = json.loads(self._line())
+      if message.get("end"):
+        return None
+    return message["slot"], _views(self.buf, self.layout, self.slot_bytes,
+                                   message["slot"], message["rows"])
+
+  def free(self, slot: int) -> None:
+    self.proc.stdin.write(f"{slot}\n".encode())
+    self.proc.stdin.flush()
+
+  def close(self) -> None:
+    self._kill()
+
+
+def batches(task: dict, workers: int) -> Iterator[dict]:
+  """The endless train batches made by `workers` pinned processes, each running `task`
+  (see `_stream`) on its row range."""
+  ranges = row_ranges(task["batch_size"], workers)
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  procs = [_Worker(dict(task, rows=r), cores[w % len(cores)] if cores else None)
+           for w, r in enumerate(ranges)]
+  try:
+    while True:
+      parts = []
+      for w in procs:
+        got = w.next_rows()
+        if got is None:
+          raise RuntimeError("An input worker's stream ended before the parent's.")
+        parts.append((w, *got))
+      batch = {k: np.concatenate([views[k] for _, _, views in parts])
+               for k in parts[0][2]}
+      for w, slot, _ in parts:
+        w.free(slot)
+      yield batch
+  finally:
+    for w in procs:
+      w.close()
+
+
+# ------------------------------------------------------------------ the worker side
+
+
+def _stream(task: dict):
+  """This worker's batches of its rows: numpy dicts, from the source's own stream."""
+  from convstem_jax.data import files  # pylint: disable=g-import-not-at-top
+  tf = files.import_tf()
+  source = task["source"]
+  source.config = files.one_thread(source.config)
+  ds = source.train_dataset(tf, task["batch_size"], task["start_step"], task["process"],
+                            rows=task["rows"])
+  ds = ds.batch(task["rows"][1] - task["rows"][0], drop_remainder=True).prefetch(1)
+  ds = ds.with_options(files.options(tf, source.config))
+  return ({k: b[k] for k in ("image", "label")} for b in ds.as_numpy_iterator())
+
+
+def _work() -> None:
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+  try:  # die with the parent (Linux)
+    import ctypes  # pylint: disable=g-import-not-at-top
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+  core = os.environ.pop("CONVSTEM_WORKER_CORE", "")
+  if core and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {int(core)})  # before TensorFlow starts its threads
+  commands = sys.stdin.buffer
+  size = int.from_bytes(commands.read(8), "little")
+  task = pickle.loads(commands.read(size))
+  out = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)  # anything else printed goes to stderr, not into the protocol
+  buf, free = None, list(range(SLOTS))
+  for batch in _stream(task):
+    if buf is None:
+      keys = {k: [[v.shape[0], *v.shape[1:]], v.dtype.str] for k, v in batch.items()}
+      layout, slot_bytes = _layout(keys)
+      # An anonymous memory file: the parent opens it through /proc, and it goes with
+      # the last mapping, so no crash leaves it behind.
+      fd = os.memfd_create("convstem_input")
+      os.ftruncate(fd, slot_bytes * SLOTS)
+      buf = mmap.mmap(fd, slot_bytes * SLOTS)
+      path = f"/proc/{os.getpid()}/fd/{fd}"
+      out.write(json.dumps({"path": path, "keys": keys}) + "\n")
+      out.flush()
+    if not free:
+      line = commands.readline()
+      if not line:
+        return  # the parent is done with us
+      free.append(int(line))
+    slot = free.pop(0)
+    rows = len(batch["label"])
+    for k, view in _views(buf, layout, slot_bytes, slot, rows).items():
+      view[...] = batch[k]
+    out.write(json.dumps({"slot": slot, "rows": rows}) + "\n")
+    out.flush()
+  out.write(json.dumps({"end": True}) + "\n")
+  out.flush()
+  commands.read()  # until the parent closes the pipe
+
+
+if __name__ == "__main__":
+  _work()
