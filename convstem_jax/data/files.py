@@ -142,7 +142,7 @@ class FileSource:
     workers = data_workers(self.config)
     if workers:
       from convstem_jax.data import workers as workers_lib  # pylint: disable=g-import-not-at-top
-      task = dict(source=self, kind="train", batch_size=local_batch_size,
+      task = dict(source=self, batch_size=local_batch_size,
                   start_step=int(start_step), process=process)
       return workers_lib.batches(task, workers)
     tf = import_tf()

@@ -4,7 +4,7 @@ JPEGs, against a PyTorch-style PIL loop on the same JPEGs, side by side in one r
     python -m convstem_jax.tools.bench_input [--images 512] [--seconds 20] \
         [--pp "inception_crop(224)|flip_lr|randaug(2, 9, 0.5)|normalize|random_erasing(0.25)"] \
         [--pp_eval "decode|resize_small(256)|central_crop(224)|normalize"] \
-        [--trainer] [--no_pil] [--pil_processes 1]
+        [--trainer] [--no_pil] [--pil_processes 1] [--data_workers 0]
 
 Generates JPEGs of ImageNet-like sizes (sides 300-500 px, quality 90, smooth content so
 they compress like photos) and writes them as an image folder. Ours is the trainer's own
@@ -13,7 +13,9 @@ crop, flip, RandAugment, normalisation, random erasing; the trainer's tf.data op
 deterministic order) and `eval_batches`, batches of 64, timed after a warm-up; it
 prints images/s on all the cores this process may use and per core. `--trainer` also
 runs the real trainer on that folder with a tiny ViT and prints its end-to-end
-images/s, which includes the model step.
+images/s, which includes the model step. `--data_workers N` makes our train stream in N
+worker processes pinned one per core (`config.data_workers`, data/workers.py; -1 = one per
+core); the eval stream stays in this process either way.
 
 The PIL reference (skip it with `--no_pil`) is what one PyTorch DataLoader worker does,
 one image at a time in this process (one core); `--pil_processes N` runs N such
