@@ -1,22 +1,23 @@
-"""The train stream in worker processes, one pinned to each core, each making its rows of every batch.
+"""The train stream in worker processes pinned one per core, each making its rows of
+every batch.
 
 Why: on the 2-core VM of docs/benchmarks.md one tf.data process on two cores made 518-587
 train images/s, while two one-thread processes pinned one per core made 652-653 together
 (2.0x one core): inside one process tf.data's threads, the consumer and each image's
 buffers move between the cores. `config.data_workers` = N > 0 runs N such processes
-(`python -m convstem_jax.data.workers`) for file sources, worker w pinned to the w-th core this process
-may use (round robin) with one tf.data thread. Batch rows are split in N contiguous
-ranges; worker w makes rows [lo_w, hi_w) of every batch with the source's own per-example
-stream (same positions, same seeds), so the batches are bitwise those of the in-process
-stream (tests/test_data.py), resumes included.
+(`python -m convstem_jax.data.workers`) for file sources, worker w pinned to the w-th
+core this process may use (round robin) with one tf.data thread. Batch rows are split in
+N contiguous ranges; worker w makes rows [lo_w, hi_w) of every batch with the source's
+own per-example stream (same positions, same seeds), so the batches are bitwise those of
+the in-process stream (tests/test_data.py), resumes included.
 
 Hand-over: each worker writes its rows into one of a few slots of an anonymous shared
-memory file (memfd, Linux) and sends the slot number over a pipe; the parent copies the rows out into
-the batch (one copy, so nothing it yields aliases a slot) and sends the slot back.
-Workers ignore SIGINT, SIGTERM and the preemption signals (the trainer owns those and
-needs its input until it has saved), exit when their pipe closes, and are killed with
-the parent (PR_SET_PDEATHSIG). A worker that fails prints its traceback and the parent
-raises.
+memory file (memfd, Linux) and sends the slot number over a pipe; the parent copies the
+rows out into the batch (one copy, so nothing it yields aliases a slot) and sends the
+slot back. Workers ignore SIGINT, SIGTERM and the preemption signals (the trainer owns
+those and needs its input until it has saved), exit when their pipe closes, and are
+killed when the thread that started them ends (PR_SET_PDEATHSIG; the trainer's main
+thread). A worker that fails prints its traceback and the parent raises.
 """
 
 from __future__ import annotations
