@@ -104,18 +104,14 @@ class _Worker:
                          "before its rows of the batch; its error is printed above.")
     return line
 
-  def next_rows(self) -> tuple[int, dict] | None:
-    """(slot, views of this worker's rows), or None at the end of its stream."""
+  def next_rows(self) -> tuple[int, dict]:
+    """(slot, views of this worker's rows of the next batch)."""
     message = json.loads(self._line())
-    if message.get("end"):
-      return None
     if "path" in message:  # the first message: where the slots are
       with open(message["path"], "r+b") as f:
         self.layout, self.slot_bytes = _layout(message["keys"])
         self.buf = mmap.mmap(f.fileno(), self.slot_bytes * SLOTS)
       message = json.loads(self._line())
-      if message.get("end"):
-        return None
     return message["slot"], _views(self.buf, self.layout, self.slot_bytes,
                                    message["slot"], message["rows"])
 
@@ -138,10 +134,7 @@ def batches(task: dict, workers: int) -> Iterator[dict]:
     while True:
       parts = []
       for w in procs:
-        got = w.next_rows()
-        if got is None:
-          raise RuntimeError("An input worker's stream ended before the parent's.")
-        parts.append((w, *got))
+        parts.append((w, *w.next_rows()))
       batch = {k: np.concatenate([views[k] for _, _, views in parts])
                for k in parts[0][2]}
       for w, slot, _ in parts:
@@ -208,9 +201,6 @@ def _work() -> None:
       view[...] = batch[k]
     out.write(json.dumps({"slot": slot, "rows": rows}) + "\n")
     out.flush()
-  out.write(json.dumps({"end": True}) + "\n")
-  out.flush()
-  commands.read()  # until the parent closes the pipe
 
 
 if __name__ == "__main__":
