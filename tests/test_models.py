@@ -359,7 +359,8 @@ def test_stem_conv_matches_flax_conv_and_its_tap_gradient_matches_xla(kernel, st
   init = jax.nn.initializers.lecun_normal()
   flax_conv = nn.Conv(8, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                       use_bias=bias, kernel_init=init)
-  convs = {how: stems.Conv(8, kernel, stride, pad, bias, init, how) for how in ("xla", "taps")}
+  convs = {how: stems.Conv(8, kernel, stride, pad, bias, init, how)
+           for how in ("xla", "taps", "im2col")}
   variables = flax_conv.init(jax.random.PRNGKey(0), x)
   assert jax.tree.structure(convs["taps"].init(jax.random.PRNGKey(0), x)) == \
       jax.tree.structure(variables)
@@ -373,17 +374,20 @@ def test_stem_conv_matches_flax_conv_and_its_tap_gradient_matches_xla(kernel, st
   assert y.tobytes() == y_ref.tobytes() and dx.tobytes() == dx_ref.tobytes()
   assert all(a.tobytes() == b.tobytes() for a, b in
              zip(jax.tree.leaves(dv), jax.tree.leaves(dv_ref)))
-  y, (dv, dx) = grads(convs["taps"])
-  assert y.tobytes() == y_ref.tobytes() and dx.tobytes() == dx_ref.tobytes()
-  kernel_grad, ref = dv["params"]["kernel"], dv_ref["params"]["kernel"]
-  assert kernel_grad.tobytes() != ref.tobytes()  # really another computation
-  np.testing.assert_allclose(kernel_grad, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+  for how in ("taps", "im2col"):
+    y, (dv, dx) = grads(convs[how])
+    assert y.tobytes() == y_ref.tobytes() and dx.tobytes() == dx_ref.tobytes()
+    kernel_grad, ref = dv["params"]["kernel"], dv_ref["params"]["kernel"]
+    assert kernel_grad.tobytes() != ref.tobytes()  # really another computation
+    np.testing.assert_allclose(kernel_grad, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(),
+                               err_msg=how)
 
 
 @pytest.mark.parametrize("name", ["vitc_1gf", "vit_ti16_srelu", "vitp_1gf"])
 def test_stem_weight_grad_switch_keeps_parameters_and_gradients(name):
   """Every stem family: the same parameters at init, gradients within float rounding."""
-  models = {how: tiny(name, stem_weight_grad=how) for how in ("xla", "taps", "auto")}
+  models = {how: tiny(name, stem_weight_grad=how)
+            for how in ("xla", "taps", "im2col", "auto")}
   out = {}
   for how, model in models.items():
     variables, x = init(model, batch=4, train=True)
@@ -394,7 +398,7 @@ def test_stem_weight_grad_switch_keeps_parameters_and_gradients(name):
       return jnp.sum(logits ** 2)
 
     out[how] = variables, jax.jit(jax.grad(loss))(variables["params"])
-  for how in ("taps", "auto"):  # 'auto' is 'taps' on this CPU
+  for how in ("taps", "im2col", "auto"):  # 'auto' is 'taps' on this CPU
     assert jax.tree.all(jax.tree.map(lambda a, b: a.tobytes() == b.tobytes(),
                                      out[how][0], out["xla"][0]))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[how][1]),

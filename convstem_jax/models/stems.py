@@ -13,14 +13,20 @@ channels, norm, activation, bias) followed by a projection conv to the model wid
 Padding is explicit (PyTorch's symmetric k//2), never 'SAME', so weights and outputs
 match the PyTorch references.
 
-The stem's convs compute their kernel gradient one of two ways (`weight_grad`), with the
-same parameters and the same result up to float rounding: 'xla' lets XLA transpose the
-convolution; 'taps' is one matmul per kernel tap (the tap's strided window of the input
-against the output gradient). XLA:CPU runs the transposed convolution far below its
-matmul speed (measured on 2 cores, batch 64, the scaled-ReLU stem's 3x3 convolution at
-32x32x64: 91 ms forward, 1.9 s for its kernel gradient, 0.23 s as taps). 'auto' picks
-'taps' on CPU and 'xla' on GPU and TPU, where cuDNN / the TPU compiler transpose convs
-at full speed. The default stays 'xla' (`ViT.stem_weight_grad`).
+The stem's convs compute their kernel gradient one of three ways (`weight_grad`), with
+the same parameters, the same forward pass and input gradient, and the same kernel
+gradient up to float rounding: 'xla' lets XLA transpose the convolution; 'taps' is one
+matmul per kernel tap (the tap's strided window of the input against the output
+gradient); 'im2col' stacks the k*k windows along the channels and makes it one matmul.
+XLA:CPU runs the transposed convolution far below its matmul speed (measured on 2 cores,
+batch 64, the scaled-ReLU stem's 3x3 convolution at 32x32x64: 91 ms forward, 1.9 s for
+its kernel gradient, 0.23 s as taps). Which of the other two wins depends on the stem
+(2-core EPYC VM, docs/benchmarks.md): the Xiao stem's small 3x3 stride-2 convs train
+3-7% faster with 'im2col' than with 'xla' ('taps' is slower than 'xla' there); the
+scaled-ReLU stem's 7x7 and 64-channel convs are faster with 'taps' (70.6 against 64.3
+images/s with 'im2col'). 'auto' picks 'taps' on CPU and 'xla' on GPU and TPU, where
+cuDNN / the TPU compiler transpose convs at full speed. The default stays 'xla'
+(`ViT.stem_weight_grad`).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from convstem_jax.models import init as inits
 from convstem_jax import errors
 
 NORMS = ("batch", "layer", "none")
-WEIGHT_GRADS = ("auto", "xla", "taps")
+WEIGHT_GRADS = ("auto", "xla", "taps", "im2col")
 ACTIVATIONS = ("relu", "gelu", "none")
 
 
@@ -244,6 +250,32 @@ def _conv_tap_grad_bwd(stride, pad, residuals, g):
 _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_im2col_grad(x, kernel, stride: int, pad: int):
+  """`_conv` whose kernel gradient is one matmul over the stacked windows (see the module
+  docstring)."""
+  return _conv(x, kernel, stride, pad)
+
+
+def _conv_im2col_grad_bwd(stride, pad, residuals, g):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _conv(x, kernel, stride, pad), x)[1](g)[0]
+  n, ho, wo, c = g.shape[0], g.shape[1], g.shape[2], x.shape[3]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  k = kernel.shape[0]
+  # Tap-major, then input channel: the row order of the HWIO kernel reshaped to 2D.
+  windows = [jax.lax.slice(xp, (0, i, j, 0),
+                           (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                           (1, stride, stride, 1)) for i in range(k) for j in range(k)]
+  patches = jnp.concatenate(windows, -1).reshape(-1, k * k * c)
+  dk = jax.lax.dot_general(patches, g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
+                           preferred_element_type=kernel.dtype)
+  return dx, dk.reshape(kernel.shape)
+
+
+_conv_im2col_grad.defvjp(_conv_tap_grad_fwd, _conv_im2col_grad_bwd)
+
+
 class Conv(nn.Module):
   """A square NHWC conv with `nn.Conv`'s parameters (kernel HWIO, bias; same names and
   initialisers, so checkpoints and init draws are unchanged) and a choice of how its
@@ -267,6 +299,8 @@ class Conv(nn.Module):
       how = "taps" if jax.default_backend() == "cpu" else "xla"
     if how == "taps":
       y = _conv_tap_grad(x, kernel, self.stride, self.pad)
+    elif how == "im2col":
+      y = _conv_im2col_grad(x, kernel, self.stride, self.pad)
     else:
       y = _conv(x, kernel, self.stride, self.pad)
     if self.use_bias:
