@@ -108,7 +108,7 @@ def base_config():
       attention_impl="xla",     # xla | cudnn (falls back to XLA) | auto
       remat="none",             # none | full | dots | dots_no_batch (models/vit.py)
       scan_blocks=False,        # nn.scan over the blocks (another parameter layout)
-      stem_weight_grad="xla",   # xla | taps | im2col | auto: stem conv kernel gradients (stems.py)
+      stem_weight_grad="xla",   # xla | taps | im2col | auto: stem kernel gradients (stems.py)
       # Regularisation; None keeps the variant's own value (models/variants.py).
       dropout=ml_collections.config_dict.placeholder(float),
       attention_dropout=ml_collections.config_dict.placeholder(float),

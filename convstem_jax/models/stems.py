@@ -21,12 +21,12 @@ gradient); 'im2col' stacks the k*k windows along the channels and makes it one m
 XLA:CPU runs the transposed convolution far below its matmul speed (measured on 2 cores,
 batch 64, the scaled-ReLU stem's 3x3 convolution at 32x32x64: 91 ms forward, 1.9 s for
 its kernel gradient, 0.23 s as taps). Which of the other two wins depends on the stem
-(2-core EPYC VM, docs/benchmarks.md): the Xiao stem's small 3x3 stride-2 convs train
-3-7% faster with 'im2col' than with 'xla' ('taps' is slower than 'xla' there); the
-scaled-ReLU stem's 7x7 and 64-channel convs are faster with 'taps' (70.6 against 64.3
-images/s with 'im2col'). 'auto' picks 'taps' on CPU and 'xla' on GPU and TPU, where
-cuDNN / the TPU compiler transpose convs at full speed. The default stays 'xla'
-(`ViT.stem_weight_grad`).
+(2-core AMD EPYC VM, 2026-12-07, train step at batch 64, 64 px): the Xiao stem's small
+3x3 stride-2 convs train 3-7% faster with 'im2col' than with 'xla' ('taps' is slower
+than 'xla' there); the scaled-ReLU stem's 7x7 and 64-channel convs are faster with
+'taps' (70.6 against 64.3 images/s with 'im2col'). 'auto' picks 'taps' on CPU and 'xla'
+on GPU and TPU, where cuDNN / the TPU compiler transpose convs at full speed. The
+default stays 'xla' (`ViT.stem_weight_grad`).
 """
 
 from __future__ import annotations
@@ -225,25 +225,27 @@ def _conv_tap_grad_fwd(x, kernel, stride, pad):
   return _conv(x, kernel, stride, pad), (x, kernel)
 
 
-def _conv_tap_grad_bwd(stride, pad, residuals, g):
-  x, kernel = residuals
-  # The input gradient stays XLA's (unused for the image, so it is compiled away).
+def _input_grad_and_windows(stride, pad, x, kernel, g):
+  """XLA's input gradient of `_conv` (unused for the image, so it is compiled away) and
+  the k*k strided windows of the padded input that meet the output positions, tap-major."""
   dx = jax.vjp(lambda x: _conv(x, kernel, stride, pad), x)[1](g)[0]
   n, ho, wo, c = g.shape[0], g.shape[1], g.shape[2], x.shape[3]
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  k = kernel.shape[0]
+  return dx, [jax.lax.slice(xp, (0, i, j, 0),
+                            (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                            (1, stride, stride, 1)) for i in range(k) for j in range(k)]
+
+
+def _conv_tap_grad_bwd(stride, pad, residuals, g):
+  x, kernel = residuals
+  dx, windows = _input_grad_and_windows(stride, pad, x, kernel, g)
   # The contraction runs over every output position; cut into 8 batched matmuls whose
   # sum is taken after, it spreads over the CPU's threads (1.5-1.8x faster on 2 cores).
-  chunks = 8 if (n * ho * wo) % 8 == 0 else 1
+  chunks = 8 if g[..., 0].size % 8 == 0 else 1
   g = g.reshape(chunks, -1, g.shape[-1])
-  k = kernel.shape[0]
-  taps = []
-  for i in range(k):
-    for j in range(k):
-      window = jax.lax.slice(
-          xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-          (1, stride, stride, 1))
-      taps.append(jnp.einsum("bmc,bmo->bco", window.reshape(chunks, -1, c), g,
-                             preferred_element_type=kernel.dtype).sum(0))
+  taps = [jnp.einsum("bmc,bmo->bco", w.reshape(chunks, -1, x.shape[3]), g,
+                     preferred_element_type=kernel.dtype).sum(0) for w in windows]
   return dx, jnp.stack(taps).reshape(kernel.shape)
 
 
@@ -259,15 +261,9 @@ def _conv_im2col_grad(x, kernel, stride: int, pad: int):
 
 def _conv_im2col_grad_bwd(stride, pad, residuals, g):
   x, kernel = residuals
-  dx = jax.vjp(lambda x: _conv(x, kernel, stride, pad), x)[1](g)[0]
-  n, ho, wo, c = g.shape[0], g.shape[1], g.shape[2], x.shape[3]
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  k = kernel.shape[0]
-  # Tap-major, then input channel: the row order of the HWIO kernel reshaped to 2D.
-  windows = [jax.lax.slice(xp, (0, i, j, 0),
-                           (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                           (1, stride, stride, 1)) for i in range(k) for j in range(k)]
-  patches = jnp.concatenate(windows, -1).reshape(-1, k * k * c)
+  dx, windows = _input_grad_and_windows(stride, pad, x, kernel, g)
+  # Stacked tap-major, then input channel: the row order of the HWIO kernel in 2D.
+  patches = jnp.concatenate(windows, -1).reshape(-1, kernel[..., 0].size)
   dk = jax.lax.dot_general(patches, g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
                            preferred_element_type=kernel.dtype)
   return dx, dk.reshape(kernel.shape)
