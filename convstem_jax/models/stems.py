@@ -20,13 +20,13 @@ matmul per kernel tap (the tap's strided window of the input against the output
 gradient); 'im2col' stacks the k*k windows along the channels and makes it one matmul.
 XLA:CPU runs the transposed convolution far below its matmul speed (measured on 2 cores,
 batch 64, the scaled-ReLU stem's 3x3 convolution at 32x32x64: 91 ms forward, 1.9 s for
-its kernel gradient, 0.23 s as taps). Which of the other two wins depends on the stem
-(2-core AMD EPYC VM, 2026-12-07, train step at batch 64, 64 px): the Xiao stem's small
-3x3 stride-2 convs train 3-7% faster with 'im2col' than with 'xla' ('taps' is slower
-than 'xla' there); the scaled-ReLU stem's 7x7 and 64-channel convs are faster with
-'taps' (70.6 against 64.3 images/s with 'im2col'). 'auto' picks 'taps' on CPU and 'xla'
-on GPU and TPU, where cuDNN / the TPU compiler transpose convs at full speed. The
-default stays 'xla' (`ViT.stem_weight_grad`).
+its kernel gradient, 0.23 s as taps). On the 2-core AMD EPYC VM (2026-12-07, the train
+step at batch 64, 64 px, 6 blocks of width 192), the Xiao stem's small 3x3 stride-2
+convs train 3-7% faster with 'im2col' than with 'xla' (four alternating pairs; 'taps' is
+slower than 'xla' there), and the scaled-ReLU stem gave 73.8 images/s with 'im2col'
+against 71.1 with 'taps' (one run each, within that VM's noise). 'auto' picks 'taps' on
+CPU and 'xla' on GPU and TPU, where cuDNN / the TPU compiler transpose convs at full
+speed. The default stays 'xla' (`ViT.stem_weight_grad`).
 """
 
 from __future__ import annotations
