@@ -336,13 +336,25 @@ def _worker_pids():
   return [p for p in pids if b"convstem_jax.data.workers" in cmdline(p)]
 
 
+def _assert_workers_end(seconds: float = 10) -> None:
+  deadline = time.time() + seconds
+  while _worker_pids() and time.time() < deadline:
+    time.sleep(0.1)
+  assert not _worker_pids()
+
+
+def _noise_jpegs(root, shape_of, seed: int, n: int = 14) -> None:
+  """n noise JPEGs of shape_of(i), alternately in class_0/ and class_1/ under root."""
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    d = root / f"class_{i % 2}"
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*shape_of(i), 3), np.uint8)).save(d / f"{i}.jpg")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
 def test_worker_processes_make_the_in_process_stream_bitwise(tmp_path, monkeypatch):
-  rng = np.random.default_rng(0)
-  for i in range(14):
-    d = tmp_path / "all" / f"class_{i % 2}"
-    d.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), np.uint8)).save(d / f"{i}.jpg")
+  _noise_jpegs(tmp_path / "all", lambda i: (30 + i, 40), seed=0)
   c = make_config(dataset="folder", data_dir=str(tmp_path / "all"), num_classes=2,
                   folder_test_fraction=0.0, repeated_aug=2, image_size=16)
   c.pp_train = ("decode|inception_crop(16)|flip_lr|randaug(2, 9, 0.5)|normalize|"
@@ -366,10 +378,39 @@ def test_worker_processes_make_the_in_process_stream_bitwise(tmp_path, monkeypat
           os.kill(pid, signal.SIGTERM)
           os.kill(pid, signal.SIGINT)
     theirs.close()
-    deadline = time.time() + 10
-    while _worker_pids() and time.time() < deadline:
-      time.sleep(0.1)
-    assert not _worker_pids()  # closing the stream ends its workers
+    _assert_workers_end()  # closing the stream ends its workers
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_eval_workers_make_the_in_process_passes_bitwise_and_persist(tmp_path, monkeypatch):
+  _noise_jpegs(tmp_path / "all", lambda i: (30 + i, 40 - i), seed=1)
+  c = make_config(dataset="folder", data_dir=str(tmp_path / "all"), num_classes=2,
+                  folder_test_fraction=0.0, image_size=16)
+  c.pp_eval = "decode|resize_small(18)|central_crop(16)|normalize"
+  fake_processes(monkeypatch, 2, 1)  # this process's 7 of the 14 examples
+  src = data_lib.get_source(c, "train")
+  # (batch, workers): last batches of 3 rows over 2 workers, of 1 row over 3 (only the
+  # first has rows in it), and one short batch of 7 rows over 4 workers.
+  for batch, workers in ((4, 2), (6, 3), (8, 4)):
+    c.data_workers = 0
+    ours = list(src.eval_batches(batch))
+    c.data_workers = workers
+    passes = [list(src.eval_batches(batch))]
+    pids = sorted(_worker_pids())
+    assert len(pids) == min(workers, 7)
+    broken = src.eval_batches(batch)
+    next(broken)  # a pass broken off after its first batch
+    del broken
+    passes.append(list(src.eval_batches(batch)))
+    assert sorted(_worker_pids()) == pids  # the same workers, pass after pass
+    for theirs in passes:
+      assert len(theirs) == len(ours) == -(-7 // batch)
+      for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for k in a:
+          assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (batch, k)
+  del src
+  _assert_workers_end()  # they end with their source
 
 
 def test_a_failing_worker_raises_in_the_parent(tmp_path):

@@ -22,8 +22,8 @@ inception crop + flip for training and resize + central crop for eval, to [-1, 1
 Config fields read here, each optional (default): pp_train, pp_eval (above); data_dir
 (tfds: $TFDS_DATA_DIR or tfds' default; folder: the root; elpv: the installed package);
 data_threads (tf.data's thread pool and parallel calls, 0 = the cores this process may
-use); data_autotune (tf.data's autotuner, off); data_workers (file sources' train stream
-in worker processes pinned one per core, workers.py; 0 = off); shuffle_buffer (tfds, 50,000);
+use); data_autotune (tf.data's autotuner, off); data_workers (file sources' train and eval
+streams in worker processes pinned one per core, workers.py; 0 = off); shuffle_buffer (tfds, 50,000);
 folder_test_fraction (0.2) and folder_split_seed (0) for single-tree folders.
 
 Resuming: every source computes each step's batch from (config.seed, process index,

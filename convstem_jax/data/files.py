@@ -13,6 +13,7 @@ uninterrupted run would have seen (for the same process count and batch size).
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -93,6 +94,9 @@ class FileSource:
     self.num_examples = len(self.paths)
     self.local = common.process_slice(self.num_examples)
 
+  def __getstate__(self):  # what a worker gets (data/workers.py): not the eval workers
+    return {k: v for k, v in self.__dict__.items() if k != "_eval_pool"}
+
   def _pipeline(self, tf, train: bool):
     from convstem_jax.data import pp  # pylint: disable=g-import-not-at-top
     fn = pp.build(pp_spec(self.config, train))
@@ -149,16 +153,41 @@ class FileSource:
     ds = self.train_dataset(tf, local_batch_size, start_step, process)
     return train_batches_of(tf, ds, local_batch_size, self.config)
 
-  def eval_batches(self, local_batch_size: int):
-    # In this process even with config.data_workers: workers would start (and import
-    # TensorFlow) again for every eval pass, which cost more than they gain on the 2-core
-    # VM (docs/benchmarks.md).
-    tf = import_tf()
+  def eval_dataset(self, tf, local_batch_size: int, rows: tuple[int, int] | None = None):
+    """This process's preprocessed eval examples in order; with `rows` = (lo, hi), only
+    rows lo..hi-1 of each batch of `local_batch_size` (one input worker's share)."""
+    ds = tf.data.Dataset.range(len(self.local))
+    if rows is not None:
+      ds = ds.filter(lambda p: _in_rows(p, local_batch_size, rows))
     load = self._pipeline(tf, train=False)
-    ds = tf.data.Dataset.range(len(self.local)).map(
-        lambda i: load(i, None), num_parallel_calls=parallelism(tf, self.config))
-    return eval_batches_of(tf, ds, local_batch_size, self.config,
-                           common.eval_num_batches(self.num_examples, local_batch_size))
+    return ds.map(lambda i: load(i, None), num_parallel_calls=parallelism(tf, self.config))
+
+  def eval_batches(self, local_batch_size: int):
+    num_batches = common.eval_num_batches(self.num_examples, local_batch_size)
+    workers = data_workers(self.config)
+    if workers and len(self.local):
+      pool = self._eval_workers(local_batch_size, workers)
+      return common.pad_batches(pool.one_pass(), local_batch_size, num_batches,
+                                pool.template())
+    tf = import_tf()
+    return eval_batches_of(tf, self.eval_dataset(tf, local_batch_size), local_batch_size,
+                           self.config, num_batches)
+
+  def _eval_workers(self, local_batch_size: int, workers: int):
+    """The eval workers of this source for this batch size and count, started once and
+    kept for the next passes (data/workers.py); they end with the source."""
+    from convstem_jax.data import workers as workers_lib  # pylint: disable=g-import-not-at-top
+    key = (local_batch_size, workers)
+    pool = self.__dict__.get("_eval_pool")
+    if pool is None or pool.closed or pool.key != key:
+      if pool is not None:
+        pool.close()
+      pool = workers_lib.EvalWorkers(dict(source=self, batch_size=local_batch_size),
+                                     workers)
+      pool.key = key
+      self._eval_pool = pool
+      weakref.finalize(self, pool.close)
+    return pool
 
 
 def _in_rows(position, batch_size: int, rows: tuple[int, int]):

@@ -1,5 +1,5 @@
-"""The train stream in worker processes pinned one per core, each making its rows of
-every batch.
+"""The train and eval streams in worker processes pinned one per core, each making its
+rows of every batch.
 
 Why: on the 2-core VM of docs/benchmarks.md one tf.data process on two cores made 518-587
 train images/s, while two one-thread processes pinned one per core made 652-653 together
@@ -10,6 +10,12 @@ core this process may use (round robin) with one tf.data thread. Batch rows are 
 N contiguous ranges; worker w makes rows [lo_w, hi_w) of every batch with the source's
 own per-example stream (same positions, same seeds), so the batches are bitwise those of
 the in-process stream (tests/test_data.py), resumes included.
+
+Eval: one `EvalWorkers` per source, started at its first eval pass and kept for the
+next ones (starting N processes and TensorFlow for every pass would cost more than they
+gain). Each worker makes its rows of every eval batch, pass after pass; the pass's last,
+short batch has the rows of the workers whose range it reaches. A pass broken off
+(preemption during eval) is read to its end before the next one starts.
 
 Hand-over: each worker writes its rows into one of a few slots of an anonymous shared
 memory file (memfd, Linux) and sends the slot number over a pipe; the parent copies the
@@ -104,14 +110,18 @@ class _Worker:
                          "before its rows of the batch; its error is printed above.")
     return line
 
-  def next_rows(self) -> tuple[int, dict]:
-    """(slot, views of this worker's rows of the next batch)."""
-    message = json.loads(self._line())
-    if "path" in message:  # the first message: where the slots are
+  def wait_ready(self) -> None:
+    """Read the first message, where the slots are (it comes with the first batch)."""
+    if self.buf is None:
+      message = json.loads(self._line())
       with open(message["path"], "r+b") as f:
         self.layout, self.slot_bytes = _layout(message["keys"])
         self.buf = mmap.mmap(f.fileno(), self.slot_bytes * SLOTS)
-      message = json.loads(self._line())
+
+  def next_rows(self) -> tuple[int, dict]:
+    """(slot, views of this worker's rows of the next batch)."""
+    self.wait_ready()
+    message = json.loads(self._line())
     return message["slot"], _views(self.buf, self.layout, self.slot_bytes,
                                    message["slot"], message["rows"])
 
@@ -123,25 +133,73 @@ class _Worker:
     self._kill()
 
 
+def _start(task: dict, ranges: list[tuple[int, int]]) -> list[_Worker]:
+  """One worker per row range, running `task` (see `_stream`), pinned round robin."""
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  return [_Worker(dict(task, rows=r), cores[w % len(cores)] if cores else None)
+          for w, r in enumerate(ranges)]
+
+
+def _next_batch(procs: list[_Worker]) -> dict:
+  """The next batch: the rows of each of `procs`, in order, copied out of their slots."""
+  parts = [(w, *w.next_rows()) for w in procs]
+  batch = {k: np.concatenate([views[k] for _, _, views in parts]) for k in parts[0][2]}
+  for w, slot, _ in parts:
+    w.free(slot)
+  return batch
+
+
 def batches(task: dict, workers: int) -> Iterator[dict]:
   """The endless train batches made by `workers` pinned processes, each running `task`
   (see `_stream`) on its row range."""
-  ranges = row_ranges(task["batch_size"], workers)
-  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-  procs = [_Worker(dict(task, rows=r), cores[w % len(cores)] if cores else None)
-           for w, r in enumerate(ranges)]
+  procs = _start(task, row_ranges(task["batch_size"], workers))
   try:
     while True:
-      parts = []
-      for w in procs:
-        parts.append((w, *w.next_rows()))
-      batch = {k: np.concatenate([views[k] for _, _, views in parts])
-               for k in parts[0][2]}
-      for w, slot, _ in parts:
-        w.free(slot)
-      yield batch
+      yield _next_batch(procs)
   finally:
     for w in procs:
+      w.close()
+
+
+class EvalWorkers:
+  """Workers making a source's eval passes, batch after batch, for as many passes as
+  asked. `task` has the source and `batch_size`; the source's `local` examples make one
+  pass (short last batch, no padding: the caller pads)."""
+
+  def __init__(self, task: dict, workers: int):
+    self.examples, self.batch_size = len(task["source"].local), task["batch_size"]
+    assert self.examples > 0, "a process with no eval examples needs no workers"
+    self.ranges = row_ranges(min(self.batch_size, self.examples), workers)
+    self.procs = _start(dict(task, eval=True), self.ranges)
+    self.unread = 0  # batches of the last pass not read yet
+    self.closed = False
+
+  def _batch(self, index: int) -> dict:
+    rows = min(self.batch_size, self.examples - index * self.batch_size)
+    try:
+      return _next_batch([w for w, (lo, _) in zip(self.procs, self.ranges) if lo < rows])
+    except BaseException:
+      self.close()  # the workers' streams are out of step now
+      raise
+
+  def template(self) -> dict:
+    """{key: (per-example shape, dtype)}, as the workers' first batch has them."""
+    for w in self.procs:
+      w.wait_ready()
+    return {k: (shape[1:], dtype) for k, (_, shape, dtype) in self.procs[0].layout.items()}
+
+  def one_pass(self) -> Iterator[dict]:
+    num = -(-self.examples // self.batch_size)
+    for index in range(num - self.unread, num):  # what a broken-off pass left
+      self._batch(index)
+    self.unread = num
+    for index in range(num):
+      self.unread -= 1
+      yield self._batch(index)
+
+  def close(self) -> None:
+    self.closed = True
+    for w in self.procs:
       w.close()
 
 
@@ -154,9 +212,14 @@ def _stream(task: dict):
   tf = files.import_tf()
   source = task["source"]
   source.config = files.one_thread(source.config)
-  ds = source.train_dataset(tf, task["batch_size"], task["start_step"], task["process"],
-                            rows=task["rows"])
-  ds = ds.batch(task["rows"][1] - task["rows"][0], drop_remainder=True).prefetch(1)
+  rows = task["rows"][1] - task["rows"][0]
+  if task.get("eval"):  # pass after pass; each pass's last batch may be short
+    ds = source.eval_dataset(tf, task["batch_size"], task["rows"])
+    ds = ds.batch(rows).repeat().prefetch(1)
+  else:
+    ds = source.train_dataset(tf, task["batch_size"], task["start_step"], task["process"],
+                              rows=task["rows"])
+    ds = ds.batch(rows, drop_remainder=True).prefetch(1)
   ds = ds.with_options(files.options(tf, source.config))
   return ({k: b[k] for k in ("image", "label")} for b in ds.as_numpy_iterator())
 

@@ -13,9 +13,10 @@ crop, flip, RandAugment, normalisation, random erasing; the trainer's tf.data op
 deterministic order) and `eval_batches`, batches of 64, timed after a warm-up; it
 prints images/s on all the cores this process may use and per core. `--trainer` also
 runs the real trainer on that folder with a tiny ViT and prints its end-to-end
-images/s, which includes the model step. `--data_workers N` makes our train stream in N
-worker processes pinned one per core (`config.data_workers`, data/workers.py; -1 = one per
-core); the eval stream stays in this process either way.
+images/s, which includes the model step. `--data_workers N` makes our train and eval
+streams in N worker processes each, pinned one per core (`config.data_workers`,
+data/workers.py; -1 = one per core; the eval workers are started by the first pass and
+kept for the next ones).
 
 The PIL reference (skip it with `--no_pil`) is what one PyTorch DataLoader worker does,
 one image at a time in this process (one core); `--pil_processes N` runs N such
