@@ -421,6 +421,9 @@ def test_a_failing_worker_raises_in_the_parent(tmp_path):
   shutil.rmtree(tmp_path / "all")  # the workers cannot read the files any more
   with pytest.raises(RuntimeError, match="Input worker process .* exited"):
     next(src.train_batches(4))
+  for _ in range(2):  # eval workers too, pass after pass
+    with pytest.raises(RuntimeError, match="Input worker process .* exited"):
+      list(src.eval_batches(4))
   c.data_workers = -2
   with pytest.raises(errors.UserError, match="data_workers"):
     src.train_batches(4)

@@ -174,18 +174,22 @@ class EvalWorkers:
     self.unread = 0  # batches of the last pass not read yet
     self.closed = False
 
+  def _closing_on_failure(self, read):
+    try:
+      return read()
+    except BaseException:
+      self.close()  # a worker failed, or the workers' streams are out of step now
+      raise
+
   def _batch(self, index: int) -> dict:
     rows = min(self.batch_size, self.examples - index * self.batch_size)
-    try:
-      return _next_batch([w for w, (lo, _) in zip(self.procs, self.ranges) if lo < rows])
-    except BaseException:
-      self.close()  # the workers' streams are out of step now
-      raise
+    return self._closing_on_failure(lambda: _next_batch(
+        [w for w, (lo, _) in zip(self.procs, self.ranges) if lo < rows]))
 
   def template(self) -> dict:
     """{key: (per-example shape, dtype)}, as the workers' first batch has them."""
     for w in self.procs:
-      w.wait_ready()
+      self._closing_on_failure(w.wait_ready)
     return {k: (shape[1:], dtype) for k, (_, shape, dtype) in self.procs[0].layout.items()}
 
   def one_pass(self) -> Iterator[dict]:
