@@ -184,7 +184,6 @@ class FileSource:
         pool.close()
       pool = workers_lib.EvalWorkers(dict(source=self, batch_size=local_batch_size),
                                      workers)
-      pool.key = key
       self._eval_pool = pool
       weakref.finalize(self, pool.close)
     return pool

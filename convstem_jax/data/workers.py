@@ -171,6 +171,7 @@ class EvalWorkers:
     assert self.examples > 0, "a process with no eval examples needs no workers"
     self.ranges = row_ranges(min(self.batch_size, self.examples), workers)
     self.procs = _start(dict(task, eval=True), self.ranges)
+    self.key = (self.batch_size, workers)  # what the source asked for
     self.unread = 0  # batches of the last pass not read yet
     self.closed = False
 
